@@ -1,15 +1,32 @@
-"""latkv: torch-free KV-cache compression."""
+"""latkv: torch-free KV-cache compression.
 
+Every quantizer is a frozen config with ``encode``, ``decode``, ``scores``, ``code_size`` and
+``bits_per_coordinate``; ``latkv.quantizer("scalar:4", dim=128)`` builds one from a spec
+string, and ``latkv.save`` / ``latkv.load`` store its ``Codes``.
+"""
+
+from latkv.container import Codes, load, save
 from latkv.packing import pack_bits, packed_length, unpack_bits
+from latkv.quantizer import Quantizer
+from latkv.registry import METHODS, quantizer, quantizer_for
 from latkv.rotations import Hadamard, RandomizedHadamard, RandomOrthogonal
+from latkv.scalar import ScalarQuant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "Codes",
     "Hadamard",
+    "Quantizer",
     "RandomOrthogonal",
     "RandomizedHadamard",
+    "ScalarQuant",
+    "load",
     "pack_bits",
     "packed_length",
+    "quantizer",
+    "quantizer_for",
+    "save",
     "unpack_bits",
 ]

@@ -1,0 +1,156 @@
+"""The one interface every method follows (see ``Quantizer``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+
+from latkv._backend import array_module, resolve_backend
+from latkv.checks import check_float_array
+from latkv.container import Codes
+
+
+class Quantizer:
+    """Base of every latkv quantizer: a frozen config with no state beyond its parameters.
+
+    Subclasses are frozen dataclasses registered with :func:`latkv.registry.register`; they
+    implement ``encode``, ``decode``, ``scores``, ``code_size``, ``code_layout`` and
+    ``backends``. This base supplies the shared checks and the derived quantities.
+    """
+
+    name: ClassVar[str]
+    method_id: ClassVar[int]
+    main_parameter: ClassVar[str]
+    #: backends with an implementation of this method's encode/decode
+    backends: ClassVar[tuple[str, ...]] = ("numpy",)
+    dim: int
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-normalised (what ``Codes.params`` and files hold)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return json.loads(json.dumps(values))
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec string; ``latkv.quantizer(qz.spec)`` rebuilds an equal quantizer."""
+        from latkv.registry import format_spec
+
+        return format_spec(self.name, self.params)
+
+    @property
+    def label(self) -> str:
+        """Short spec for tables: the method, its main value and non-default options."""
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(self)
+            if f.init and f.default is not dataclasses.MISSING
+        }
+        options = [f"{k}={v}" for k, v in self.params.items()
+                   if k not in ("dim", self.main_parameter) and defaults.get(k, object()) != v]
+        return ",".join([f"{self.name}:{getattr(self, self.main_parameter)}", *options])
+
+    @property
+    def code_size(self) -> float:  # pragma: no cover - abstract
+        """Exact bytes per vector, side information included."""
+        raise NotImplementedError
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        """Exact bits per coordinate, every scale, norm and index counted: ``8 code_size / dim``."""
+        return self.code_size * 8 / self.dim
+
+    def code_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of every array ``encode`` writes for an input of ``shape``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def encoded_nbytes(self, shape: tuple[int, ...]) -> int:
+        """Exact ``Codes.nbytes`` for an input of ``shape``."""
+        return int(sum(np.prod(s, dtype=np.int64) * np.dtype(d).itemsize
+                       for s, d in self.code_layout(tuple(shape)).values()))
+
+    # -- shared checks ------------------------------------------------------------------
+
+    def check_input(self, x: Any, name: str = "x", min_ndim: int = 1) -> Any:
+        """Check ``x : (..., dim)`` float16/32/64, finite and non-empty."""
+        return check_float_array(x, name, dim=self.dim, min_ndim=min_ndim)
+
+    def check_backend(self, backend: str | None, x: Any) -> str:
+        backend = resolve_backend(backend, x)
+        if backend not in self.backends:
+            fallback = "numpy"
+            if backend in ("cupy", "numba.cuda"):
+                raise ValueError(f"{self.name} has no {backend!r} implementation yet; "
+                                 f"available: {self.backends}")
+            return fallback
+        return backend
+
+    def check_codes(self, codes: Any, name: str = "codes") -> None:
+        """Raise unless ``codes`` were written by this quantizer and are internally consistent."""
+        if not isinstance(codes, Codes):
+            raise TypeError(f"{name} must be latkv.Codes, got {type(codes).__name__}")
+        if codes.method != self.name or dict(codes.params) != self.params:
+            raise ValueError(
+                f"{name} were made by {codes.spec!r}, not by this quantizer {self.spec!r}"
+            )
+        shape = tuple(codes.shape)
+        if len(shape) < 1 or shape[-1] != self.dim or any(s < 0 for s in shape):
+            raise ValueError(f"{name} record input shape {shape}, which does not end in dim "
+                             f"{self.dim}")
+        if codes.dtype not in ("float16", "float32", "float64"):
+            raise ValueError(f"{name} record input dtype {codes.dtype!r}")
+        layout = self.code_layout(shape)
+        if set(codes.arrays) != set(layout):
+            raise ValueError(f"{name} hold arrays {sorted(codes.arrays)}, expected {sorted(layout)}")
+        xp = None
+        for key, (expected_shape, dtype) in layout.items():
+            array = codes.arrays[key]
+            if tuple(array.shape) != tuple(expected_shape) or array.dtype != np.dtype(dtype):
+                raise ValueError(
+                    f"{name} array {key!r} has shape {tuple(array.shape)} dtype {array.dtype}, "
+                    f"expected {tuple(expected_shape)} {dtype}"
+                )
+            module = array_module(array)
+            if xp is not None and module is not xp:
+                raise ValueError(f"{name} mix NumPy and CuPy arrays")
+            xp = module
+
+    def check_query(self, q: Any, codes: Codes) -> Any:
+        """Check ``q : (..., m, dim)`` or ``(dim,)`` against codes of ``(..., n, dim)``."""
+        q = check_float_array(q, "q", dim=self.dim)
+        if len(codes.shape) < 2 and q.ndim > 1:
+            raise ValueError("scores needs codes of shape (..., n, dim) for a batch of queries")
+        if q.ndim > 1:
+            try:
+                np.broadcast_shapes(tuple(q.shape[:-2]), tuple(codes.shape[:-2]))
+            except ValueError:
+                raise ValueError(
+                    f"q leading shape {tuple(q.shape[:-2])} does not broadcast with the codes' "
+                    f"{tuple(codes.shape[:-2])}"
+                ) from None
+        if array_module(q) is not codes.xp:
+            raise ValueError("q and codes must be in the same array module (NumPy or CuPy)")
+        return q
+
+    def make_codes(self, x: Any, arrays: dict[str, Any]) -> Codes:
+        return Codes(self.name, self.params, tuple(int(s) for s in x.shape), str(x.dtype), arrays)
+
+    # -- the interface ----------------------------------------------------------------
+
+    def encode(self, x: Any, *, backend: str | None = None) -> Codes:  # pragma: no cover
+        raise NotImplementedError
+
+    def decode(self, codes: Codes, *, backend: str | None = None) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def scores(self, q: Any, codes: Codes, *, backend: str | None = None) -> Any:
+        """Estimated ``q @ x.T`` from the codes of ``x`` (reference: via ``decode``)."""
+        q = self.check_query(q, codes)
+        xp = array_module(q)
+        x_hat = self.decode(codes, backend=backend).astype(xp.float32)
+        q = q.astype(xp.float32)
+        if q.ndim == 1:
+            return x_hat @ q
+        return q @ xp.swapaxes(x_hat, -1, -2)
