@@ -253,7 +253,10 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Codes:
     if hashlib.sha256(data[:-CHECKSUM_SIZE]).digest() != bytes(data[-CHECKSUM_SIZE:]):
         raise _corrupt("SHA-256 checksum mismatch (the file is corrupted)")
     header = _parse_header(bytes(data[PREFIX.size : PREFIX.size + header_length]))
-    cls = method_class_by_id(header["method_id"])  # the id decides; the name is informative
+    try:
+        cls = method_class_by_id(header["method_id"])  # the id decides; the name is informative
+    except ValueError as error:
+        raise _corrupt(str(error)) from None
     payload = data[start : start + payload_length]
     arrays: dict[str, np.ndarray] = {}
     end_of_previous = 0

@@ -46,6 +46,12 @@ def scale_and_zero(minimum: Any, maximum: Any, bits: int) -> tuple[Any, Any]:
     """fp16 ``(scale, zero)`` per group from float32 group minima and maxima (see module doc)."""
     xp = array_module(minimum)
     levels = xp.float32((1 << bits) - 1)
+    largest = float(np.finfo(np.float16).max)
+    if bool((minimum < -largest).any()) or bool((maximum > largest).any()):
+        raise ValueError(
+            "x has values beyond the float16 range (|x| > 65504): the fp16 scale and zero of "
+            "ScalarQuant cannot represent them"
+        )
     with np.errstate(over="ignore", invalid="ignore"):
         zero = minimum.astype(xp.float16)
         zero = xp.where(zero.astype(xp.float32) > minimum, -_next_float16_up(-zero), zero)
@@ -135,6 +141,10 @@ class ScalarQuant(Quantizer):
     axis: str = "token"
 
     backends = ("numpy", "numba", "cupy", "numba.cuda")
+    #: re-encoding decoded vectors refits fp16 scales, so codes may move by one level
+    idempotent = False
+    #: rows of ``latkv compare``: per-token, per-channel, and KIVI (channel keys, token values)
+    compare_specs = ("scalar", "scalar,axis=channel", "scalar,axis=channel|scalar")
 
     def __post_init__(self) -> None:
         check_int(self.dim, "dim", 1)

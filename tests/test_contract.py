@@ -1,0 +1,125 @@
+"""The one interface, checked for every registered method on every backend that runs here.
+
+Adding a method to the registry adds it to these tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import latkv
+from latkv._backend import available_backends
+from latkv.container import from_bytes, to_bytes
+from latkv.registry import METHODS
+
+from conftest import CUDA_SIMULATOR
+
+
+def configurations():
+    """(spec, dim) pairs: each method's compare variants at two bit widths, several dims."""
+    for name, cls in METHODS.items():
+        for template in getattr(cls, "compare_specs", (name,)):
+            for spec in template.split("|"):
+                for bits in (2, 4):
+                    head, *options = spec.split(",")
+                    yield ",".join([f"{head}:{bits}", *options])
+
+
+SPECS = sorted(set(configurations()))
+DIMS = (64, 96, 128, 256)
+CPU_BACKENDS = ("numpy", "numba")
+
+
+def _backends(cls):
+    usable = [b for b in cls.backends if b in available_backends() and b != "cupy"]
+    return usable
+
+
+def _input(rng, shape, dtype=np.float32):
+    return (rng.standard_normal(shape) * np.exp(rng.normal(0, 0.5, shape[-1]))).astype(dtype)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dim", DIMS)
+def test_shapes_dtypes_sizes_and_round_trip(spec, dim, rng):
+    qz = latkv.quantizer(spec, dim=dim)
+    for shape in [(1, dim), (7, dim), (2, 3, 97, dim)]:
+        for dtype in (np.float16, np.float32):
+            x = _input(rng, shape, dtype)
+            codes = qz.encode(x)
+            assert codes.method == qz.name and tuple(codes.shape) == shape
+            assert codes.nbytes == qz.encoded_nbytes(shape)
+            x_hat = qz.decode(codes)
+            assert x_hat.shape == shape and x_hat.dtype == dtype
+            assert from_bytes(to_bytes(codes)).nbytes == codes.nbytes
+    # code_size (the docstring formula) agrees with the bytes actually stored, for a full
+    # group of vectors: n a multiple of every group size in use
+    n = 64
+    codes = qz.encode(_input(rng, (n, dim)))
+    assert codes.nbytes == pytest.approx(n * qz.code_size, rel=0, abs=0)
+    assert qz.bits_per_coordinate == pytest.approx(8 * codes.nbytes / (n * dim), rel=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_backend_writes_identical_codes(spec, rng):
+    qz = latkv.quantizer(spec, dim=64)
+    small = CUDA_SIMULATOR
+    for shape in [(1, 64), (7, 64), (3, 33, 64)] if not small else [(1, 64), (2, 9, 64)]:
+        x = _input(rng, shape)
+        reference = qz.encode(x, backend="numpy")
+        decoded = qz.decode(reference, backend="numpy")
+        for backend in _backends(type(qz)):
+            codes = qz.encode(x, backend=backend)
+            for key in reference.arrays:
+                assert np.array_equal(codes[key], reference[key]), (backend, key)
+            np.testing.assert_allclose(qz.decode(codes, backend=backend), decoded, rtol=1e-6,
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_seed_determinism_and_idempotence(spec, rng):
+    qz = latkv.quantizer(spec, dim=128)
+    again = latkv.quantizer(qz.spec)
+    assert again == qz and again.spec == qz.spec
+    x = _input(rng, (5, 40, 128))
+    first, second = qz.encode(x), again.encode(x.copy())
+    for key in first.arrays:
+        assert np.array_equal(first[key], second[key])
+    decoded = qz.decode(first)
+    re_encoded = qz.encode(decoded)
+    if getattr(type(qz), "idempotent", True):
+        # encode(decode(encode(x))) == encode(x): the decoded vectors sit on the grid
+        for key in first.arrays:
+            assert np.array_equal(re_encoded[key], first[key])
+    else:
+        # data-dependent grids (min-max scales rounded to fp16) move slightly when refitted to
+        # decoded data; re-quantizing must still cost far less than the first quantization
+        first_error = np.sum((decoded - x) ** 2)
+        second_error = np.sum((qz.decode(re_encoded) - decoded) ** 2)
+        assert second_error <= 0.25 * first_error
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_save_load_gives_identical_codes(spec, rng, tmp_path):
+    qz = latkv.quantizer(spec, dim=96)
+    codes = qz.encode(_input(rng, (2, 1025 if spec.startswith("scalar") else 97, 96)))
+    path = tmp_path / "c.lkv"
+    latkv.save(path, codes)
+    loaded = latkv.load(path)
+    assert latkv.quantizer_for(loaded) == qz
+    for key in codes.arrays:
+        assert np.array_equal(loaded[key], codes[key])
+    assert np.array_equal(qz.decode(loaded), qz.decode(codes))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_scores_match_decoded_inner_products(spec, rng):
+    qz = latkv.quantizer(spec, dim=64)
+    x = _input(rng, (3, 50, 64))
+    q = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    codes = qz.encode(x)
+    expected = q.astype(np.float64) @ np.swapaxes(qz.decode(codes).astype(np.float64), -1, -2)
+    got = qz.scores(q, codes)
+    assert got.shape == (3, 4, 50)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
