@@ -1,0 +1,58 @@
+"""The latkv command: compare on the synthetic set and on an npz, JSON output, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from latkv.cli import main
+from latkv.synthetic import synthetic_kv
+
+
+def test_compare_json_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    assert main(["compare", "--bits", "2,4", "--tokens", "64", "--json", str(out), "--quiet"]) == 0
+    document = json.loads(out.read_text())
+    rows = {row["method"]: row for row in document["rows"]}
+    assert "fp16" in rows and "scalar:4" in rows and "scalar:2,axis=channel" in rows
+    assert rows["scalar:4"]["bits_per_coordinate"] == 4 + 32 / 32
+    # the measured bytes agree with the exact figure (64 tokens: full channel groups)
+    for row in document["rows"]:
+        assert row["measured_bits_per_coordinate"] == row["bits_per_coordinate"]
+    # more bits, less error; fp16 is nearly exact
+    assert rows["scalar:4"]["attention_error"] < rows["scalar:2"]["attention_error"]
+    assert rows["fp16"]["attention_error"] < 1e-2
+    assert document["machine"]["cpu_count"] >= 1
+
+
+def test_compare_reads_npz_and_k_v_pairs(tmp_path):
+    path = tmp_path / "kv.npz"
+    np.savez(path, **synthetic_kv(layers=2, tokens=40, queries=8, dim=32))
+    out = tmp_path / "rows.json"
+    code = main(["compare", "--kv", str(path), "--methods", "scalar:3,axis=channel|scalar:3",
+                 "--json", str(out), "--quiet"])
+    assert code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["method"] == "K scalar:3,axis=channel | V scalar:3"
+
+
+def test_compare_refuses_bad_npz(tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    np.savez(path, k_L0=np.zeros((2, 8, 16), np.float32))
+    assert main(["compare", "--kv", str(path), "--quiet"]) == 2
+    assert "q_L0" in capsys.readouterr().err
+
+
+def test_console_script_prints_table():
+    result = subprocess.run([sys.executable, "-m", "latkv.cli", "compare", "--bits", "3",
+                             "--tokens", "48", "--methods", "scalar"], capture_output=True,
+                            text=True, check=True)
+    assert "scalar:3" in result.stdout and "bits/coord" in result.stdout
+
+
+def test_info_lists_methods(capsys):
+    assert main(["info"]) == 0
+    assert "ScalarQuant" in capsys.readouterr().out
