@@ -159,8 +159,8 @@ def compare(specs: Iterable[str], data: dict[str, np.ndarray], *, bits: Iterable
 
     Row fields: ``method``, ``spec``, ``bits_per_coordinate`` (the quantizer's exact figure),
     ``measured_bits_per_coordinate`` (bytes actually stored / coordinates), key and value
-    relative MSE, ``logit_error`` (:func:`latkv.metrics.centred_logit_error`, logits from
-    ``scores``), ``attention_error`` (:func:`latkv.metrics.attention_output_error`),
+    relative MSE, ``logit_error`` (`latkv.metrics.centred_logit_error`, logits from
+    ``scores``), ``attention_error`` (`latkv.metrics.attention_output_error`),
     ``top8_agreement`` and ``encode_mvectors_per_s``.
     """
     layers = check_kv(data)

@@ -1,4 +1,4 @@
-"""``Codes``, and the versioned, checksummed file format of :func:`save` / :func:`load`.
+"""``Codes``, and the versioned, checksummed file format of `save` / `load`.
 
 File format, version 1 (little-endian; ``docs/spec/container.md`` restates it)
 ------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class Codes:
         Registry name of the quantizer that wrote these codes (``"scalar"``, ...).
     params : dict
         That quantizer's constructor arguments (``dim``, ``bits``, ``seed``, ...); with
-        ``method`` they rebuild it exactly (:func:`latkv.quantizer_for`).
+        ``method`` they rebuild it exactly (`latkv.quantizer_for`).
     shape : tuple of int
         Shape of the encoded input, ``(..., dim)``.
     dtype : str
@@ -74,7 +74,7 @@ class Codes:
     Notes
     -----
     ``nbytes`` counts every array, side information included: it is the exact storage needed
-    to decode. The fixed per-file header of :func:`save` is not part of it.
+    to decode. The fixed per-file header of `save` is not part of it.
     """
 
     method: str
@@ -149,7 +149,7 @@ def _header_and_payload(codes: Codes) -> tuple[bytes, list[tuple[int, bytes]], i
 
 
 def to_bytes(codes: Codes) -> bytes:
-    """Serialise ``codes`` to the version-1 container format (the bytes :func:`save` writes)."""
+    """Serialise ``codes`` to the version-1 container format (the bytes `save` writes)."""
     if not isinstance(codes, Codes):
         raise TypeError(f"codes must be latkv.Codes, got {type(codes).__name__}")
     from latkv.registry import quantizer_for
@@ -171,7 +171,7 @@ def save(path: str | os.PathLike, codes: Codes) -> None:
 
     Parameters
     ----------
-    path : str or path-like
+    path : str or os.PathLike
         Destination; replaced whole or left untouched, never partially written.
     codes : Codes
 
@@ -189,6 +189,9 @@ def save(path: str | os.PathLike, codes: Codes) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes 0600; give the usual new-file mode
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -224,7 +227,7 @@ def _parse_header(header_bytes: bytes) -> dict:
 
 
 def from_bytes(data: bytes | bytearray | memoryview) -> Codes:
-    """Parse and validate the container format; the inverse of :func:`to_bytes`."""
+    """Parse and validate the container format; the inverse of `to_bytes`."""
     from latkv.registry import method_class_by_id, quantizer_for
 
     data = memoryview(data)
@@ -291,7 +294,7 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Codes:
 
 
 def load(path: str | os.PathLike) -> Codes:
-    """Read codes written by :func:`save`, refusing anything that is not exactly such a file.
+    """Read codes written by `save`, refusing anything that is not exactly such a file.
 
     Returns
     -------

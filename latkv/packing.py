@@ -29,7 +29,7 @@ def packed_length(n: int, bits: int) -> int:
 
 
 def pack_bits_reference(codes: Any, bits: int) -> Any:
-    """NumPy/CuPy reference of :func:`pack_bits`: expand to a bit plane, then ``packbits``.
+    """NumPy/CuPy reference of `pack_bits`: expand to a bit plane, then ``packbits``.
 
     ``codes`` must already be checked: an unsigned integer array with values below ``2**bits``.
     """
@@ -44,7 +44,7 @@ def pack_bits_reference(codes: Any, bits: int) -> Any:
 
 
 def unpack_bits_reference(packed: Any, bits: int, n: int) -> Any:
-    """NumPy/CuPy reference of :func:`unpack_bits`: ``unpackbits``, then sum the bit plane."""
+    """NumPy/CuPy reference of `unpack_bits`: ``unpackbits``, then sum the bit plane."""
     xp = array_module(packed)
     *lead, _ = packed.shape
     plane = xp.unpackbits(packed, axis=-1, count=n * bits, bitorder="little")
@@ -62,8 +62,9 @@ def pack_bits(codes: Any, bits: int, *, backend: str | None = None, check: bool 
         Values in ``[0, 2**bits)``.
     bits : int
         Bits per code, 1..8.
-    backend : {"numpy", "numba", "cupy", "numba.cuda"}, optional
-        Implementation; by default the array module of ``codes`` picks it.
+    backend : str, optional
+        ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"numba.cuda"``; by default the array
+        module of the input picks it (NumPy -> ``"numba"``, CuPy -> ``"cupy"``).
     check : bool
         Verify the value range (one reduction over ``codes``). Quantizers that produce codes
         in range themselves pass ``False``.
@@ -71,7 +72,7 @@ def pack_bits(codes: Any, bits: int, *, backend: str | None = None, check: bool 
     Returns
     -------
     packed : (..., ceil(n * bits / 8)) uint8
-        Same array module as ``codes``. Equivalent to :func:`pack_bits_reference`.
+        Same array module as ``codes``. Equivalent to `pack_bits_reference`.
 
     Examples
     --------
@@ -97,7 +98,7 @@ def pack_bits(codes: Any, bits: int, *, backend: str | None = None, check: bool 
 
 
 def unpack_bits(packed: Any, bits: int, n: int, *, backend: str | None = None) -> Any:
-    """Unpack ``n`` codes of ``bits`` bits per row from the LSB-first layout of :func:`pack_bits`.
+    """Unpack ``n`` codes of ``bits`` bits per row from the LSB-first layout of `pack_bits`.
 
     Parameters
     ----------
@@ -106,12 +107,14 @@ def unpack_bits(packed: Any, bits: int, n: int, *, backend: str | None = None) -
         Bits per code, 1..8.
     n : int
         Codes per row.
-    backend : {"numpy", "numba", "cupy", "numba.cuda"}, optional
+    backend : str, optional
+        ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"numba.cuda"``; by default the array
+        module of the input picks it (NumPy -> ``"numba"``, CuPy -> ``"cupy"``).
 
     Returns
     -------
     codes : (..., n) uint8
-        Equivalent to :func:`unpack_bits_reference`.
+        Equivalent to `unpack_bits_reference`.
     """
     bits = check_bits(bits)
     n = check_int(n, "n", 0)

@@ -16,7 +16,7 @@ from latkv.container import Codes
 class Quantizer:
     """Base of every latkv quantizer: a frozen config with no state beyond its parameters.
 
-    Subclasses are frozen dataclasses registered with :func:`latkv.registry.register`; they
+    Subclasses are frozen dataclasses registered with `latkv.registry.register`; they
     implement ``encode``, ``decode``, ``scores``, ``code_size``, ``code_layout`` and
     ``backends``. This base supplies the shared checks and the derived quantities.
     """

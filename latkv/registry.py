@@ -4,7 +4,7 @@ A spec string is ``name[:value][,key=value...]``: the optional positional value 
 method's main parameter (``bits`` for ``"scalar:4"``), the rest are constructor arguments.
 ``latkv.quantizer("scalar:2,axis=channel", dim=128)`` builds ``ScalarQuant(dim=128, bits=2,
 axis="channel")``. The numeric id goes into saved files and never changes, so files survive
-a rename of the method. Tests, benchmarks, the CLI and the docs iterate over :data:`METHODS`.
+a rename of the method. Tests, benchmarks, the CLI and the docs iterate over `METHODS`.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def quantizer(spec: str, dim: int | None = None, **overrides: Any) -> "Quantizer
 
 
 def format_spec(name: str, params: Mapping[str, Any]) -> str:
-    """The canonical spec string of a method and its parameters (inverse of :func:`parse_spec`)."""
+    """The canonical spec string of a method and its parameters (inverse of `parse_spec`)."""
     cls = method_class(name)
     main = params.get(cls.main_parameter)
     options = [f"{k}={v}" for k, v in params.items() if k != cls.main_parameter]

@@ -7,13 +7,16 @@ CuPy; outputs are float32 in the same array module.
 Non-power-of-two dims (80, 96, 112, ...)
 ----------------------------------------
 The fast Walsh-Hadamard transform needs a power-of-two length. For another ``dim``,
-:class:`RandomizedHadamard` takes ``p``, the largest power of two ``<= dim``, and composes two
+`RandomizedHadamard` takes ``p``, the largest power of two ``<= dim``, and composes two
 overlapping Hadamard stages: a seeded permutation of the coordinates, random signs and
 ``H_p`` on the leading ``p`` coordinates, then new random signs and ``H_p`` on the trailing
-``p`` coordinates. Each stage is orthogonal, so the product is; because ``p > dim / 2`` the two
-windows overlap, so every output coordinate of the second window depends on every input,
-and the permutation keeps a fixed outlier channel from always landing outside it. The cost is
-two FWHTs of length ``p`` instead of one.
+``p`` coordinates. Each stage is orthogonal, so the product is. Because ``p > dim / 2`` the
+windows overlap, but the mixing is weaker than one full-length Hadamard: measured on
+``RandomizedHadamard(dim, seed).matrix()`` for seeds 0-2, each output depends on at least 63-64
+of the inputs (not all), and the largest matrix entry is 0.13-0.31 against ``1/sqrt(dim)``
+(0.09-0.11) for a perfectly flat rotation (dims 80, 96, 112). The seeded permutation keeps a
+fixed outlier channel from always landing in the same place. The cost is two FWHTs of length
+``p``. Use `RandomOrthogonal` where exact Haar mixing matters more than speed.
 """
 
 from __future__ import annotations
@@ -128,24 +131,27 @@ class Hadamard(Rotation):
     dim: int
 
     def __post_init__(self) -> None:
-        check_int(self.dim, "dim", 1)
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))
         if not is_power_of_two(self.dim):
             raise ValueError(
                 f"Hadamard needs dim to be a power of two, got {self.dim}; "
                 "RandomizedHadamard handles any dim"
             )
 
-    def apply(self, x: Any, *, backend: str | None = None) -> Any:
-        """``x : (..., dim)`` float -> ``(..., dim)`` float32, ``x H / sqrt(dim)``."""
-        x = _as_float32_input(x, "x", self.dim)
+    def _transform(self, x: Any, name: str, backend: str | None) -> Any:
+        x = _as_float32_input(x, name, self.dim)
         backend = resolve_backend(backend, x)
         xp = array_module(x)
         ones = _device(np.ones(self.dim, dtype=np.float32), xp)
         return implementation("hadamard_segment", backend)(x, 0, self.dim, ones, False)
 
+    def apply(self, x: Any, *, backend: str | None = None) -> Any:
+        """``x : (..., dim)`` float -> ``(..., dim)`` float32, ``x H / sqrt(dim)``."""
+        return self._transform(x, "x", backend)
+
     def inverse(self, y: Any, *, backend: str | None = None) -> Any:
         """``y : (..., dim)`` float -> ``(..., dim)`` float32; the same map as ``apply``."""
-        return self.apply(y, backend=backend)
+        return self._transform(y, "y", backend)
 
 
 @dataclass(frozen=True)
@@ -181,8 +187,8 @@ class RandomizedHadamard(Rotation):
     tail_signs: np.ndarray | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_int(self.dim, "dim", 1)
-        check_int(self.seed, "seed", 0)
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0))
         rng = np.random.default_rng(self.seed)
         p = self.block
         if p == self.dim:
@@ -213,7 +219,7 @@ class RandomizedHadamard(Rotation):
         p = self.block
         if self.tail_signs is None:
             return stage(x, 0, p, _device(self.head_signs, xp), False)
-        y = xp.ascontiguousarray(x[..., _device(self.permutation, xp)])
+        y = xp.take(x, _device(self.permutation, xp), axis=-1)
         y = stage(y, 0, p, _device(self.head_signs, xp), False)
         return stage(y, self.dim - p, p, _device(self.tail_signs, xp), False)
 
@@ -228,7 +234,7 @@ class RandomizedHadamard(Rotation):
             return stage(y, 0, p, _device(self.head_signs, xp), True)
         y = stage(y, self.dim - p, p, _device(self.tail_signs, xp), True)
         y = stage(y, 0, p, _device(self.head_signs, xp), True)
-        return xp.ascontiguousarray(y[..., _device(self.inverse_permutation, xp)])
+        return xp.take(y, _device(self.inverse_permutation, xp), axis=-1)
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ class RandomOrthogonal(Rotation):
     """A Haar-random orthogonal matrix ``Q`` (QR of a seeded Gaussian, signs fixed).
 
     ``apply(x) = x Q^T`` and ``inverse(y) = y Q`` are dense matmuls (BLAS / cuBLAS): ``dim^2``
-    multiply-adds per vector against ``dim log dim`` for :class:`RandomizedHadamard`, with an
+    multiply-adds per vector against ``dim log dim`` for `RandomizedHadamard`, with an
     exactly Haar-distributed rotation in exchange.
 
     Parameters
@@ -259,8 +265,8 @@ class RandomOrthogonal(Rotation):
     orthogonal: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_int(self.dim, "dim", 1)
-        check_int(self.seed, "seed", 0)
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0))
         gaussian = np.random.default_rng(self.seed).standard_normal((self.dim, self.dim))
         q, r = np.linalg.qr(gaussian)
         q = q * np.sign(np.diag(r))  # sign fix makes Q Haar-distributed (Mezzadri 2007)

@@ -120,8 +120,8 @@ class ScalarQuant(Quantizer):
     ``bits_per_coordinate = 8 * code_size / dim``: e.g. ``bits + 32 / group`` when ``group``
     divides ``dim`` (4.5 for 4 bits in groups of 64).
 
-    Equivalent to :func:`quantize` with :func:`scale_and_zero` per group, then
-    :func:`latkv.pack_bits` on each vector's codes.
+    Equivalent to `quantize` with `scale_and_zero` per group, then
+    `latkv.pack_bits` on each vector's codes.
 
     Examples
     --------
@@ -147,9 +147,9 @@ class ScalarQuant(Quantizer):
     compare_specs = ("scalar", "scalar,axis=channel", "scalar,axis=channel|scalar")
 
     def __post_init__(self) -> None:
-        check_int(self.dim, "dim", 1)
-        check_bits(self.bits)
-        check_int(self.group, "group", 1)
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))
+        object.__setattr__(self, "bits", check_bits(self.bits))
+        object.__setattr__(self, "group", check_int(self.group, "group", 1))
         check_choice(self.axis, "axis", AXES)
         if self.axis == "token" and self.group > self.dim:
             raise ValueError(f"group must be <= dim ({self.dim}) for axis='token', got {self.group}")
@@ -222,7 +222,9 @@ class ScalarQuant(Quantizer):
         Parameters
         ----------
         x : (..., dim) float16, float32 or float64, NumPy or CuPy
-        backend : {"numpy", "numba", "cupy", "numba.cuda"}, optional
+        backend : str, optional
+        ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"numba.cuda"``; by default the array
+        module of the input picks it (NumPy -> ``"numba"``, CuPy -> ``"cupy"``).
 
         Returns
         -------

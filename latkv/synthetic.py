@@ -2,7 +2,7 @@
 
 Real post-RoPE keys carry large per-channel offsets and a few heavy-tailed outlier channels
 (about 60% of key energy in channel means for SmolLM2); values are closer to isotropic.
-:func:`synthetic_kv` imitates that: it is the default data of ``latkv compare`` until a real
+`synthetic_kv` imitates that: it is the default data of ``latkv compare`` until a real
 sample is embedded, and a stress test for the quantizers.
 """
 

@@ -1,36 +1,41 @@
 """CPU fast path of the Walsh-Hadamard stage: numba kernel, parallel over rows.
 
 ``hadamard_segment`` is the ``("hadamard_segment", "numba")`` entry of
-``latkv._backend.IMPLEMENTATIONS``; :func:`latkv.rotations.hadamard_segment_reference` is
+``latkv._backend.IMPLEMENTATIONS``; `latkv.rotations.hadamard_segment_reference` is
 its definition. Each row is handled by one iteration of a ``prange`` loop: the untouched
 coordinates are copied, the segment is written to the output row (times the signs, forward)
 and transformed there in place with float32 butterflies in the same order as the reference
 (stride 1, 2, 4, ...), so the results agree with the reference to the last bit. A row of
-``size`` float32 values stays in L1 cache through all ``log2(size)`` stages; the strided
-stages (stride >= 8) vectorise, the first three are fused into one pass over groups of 8.
+``size`` float32 values stays in L1 cache through all ``log2(size)`` stages; the strides
+1, 2, 4 are fused into one pass over groups of 8 and the longer strides vectorise.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 
 @njit(cache=True, inline="always")
 def _fwht_in_place(segment, size):
-    """Unnormalised FWHT (Sylvester order) of a float32 ``(size,)`` view, in place."""
+    """Unnormalised FWHT (Sylvester order) of a float32 ``(size,)`` view, in place.
+
+    Butterflies ``(a, b) -> (a + b, a - b)`` on pairs ``(i, i + stride)`` for stride 1, 2, 4,
+    ..., in the order of `latkv.rotations.fwht_reference`. Indices are ``uint64`` so
+    that numba emits no negative-index wraparound, which lets LLVM vectorise the loops.
+    """
     if size >= 8:
-        # strides 1, 2 and 4 in one pass over each group of 8, each butterfly in the same
-        # order and precision as the reference.
+        # strides 1, 2 and 4 fused: one pass over each group of 8, in registers.
         for group in range(0, size, 8):
-            v0 = segment[group]
-            v1 = segment[group + 1]
-            v2 = segment[group + 2]
-            v3 = segment[group + 3]
-            v4 = segment[group + 4]
-            v5 = segment[group + 5]
-            v6 = segment[group + 6]
-            v7 = segment[group + 7]
+            g = uint64(group)
+            v0 = segment[g]
+            v1 = segment[g + 1]
+            v2 = segment[g + 2]
+            v3 = segment[g + 3]
+            v4 = segment[g + 4]
+            v5 = segment[g + 5]
+            v6 = segment[g + 6]
+            v7 = segment[g + 7]
             v0, v1 = v0 + v1, v0 - v1
             v2, v3 = v2 + v3, v2 - v3
             v4, v5 = v4 + v5, v4 - v5
@@ -39,30 +44,37 @@ def _fwht_in_place(segment, size):
             v1, v3 = v1 + v3, v1 - v3
             v4, v6 = v4 + v6, v4 - v6
             v5, v7 = v5 + v7, v5 - v7
-            segment[group] = v0 + v4
-            segment[group + 4] = v0 - v4
-            segment[group + 1] = v1 + v5
-            segment[group + 5] = v1 - v5
-            segment[group + 2] = v2 + v6
-            segment[group + 6] = v2 - v6
-            segment[group + 3] = v3 + v7
-            segment[group + 7] = v3 - v7
+            segment[g] = v0 + v4
+            segment[g + 4] = v0 - v4
+            segment[g + 1] = v1 + v5
+            segment[g + 5] = v1 - v5
+            segment[g + 2] = v2 + v6
+            segment[g + 6] = v2 - v6
+            segment[g + 3] = v3 + v7
+            segment[g + 7] = v3 - v7
         stride = 8
     else:
         stride = 1
     while stride < size:
-        for block_start in range(0, size, 2 * stride):
-            for i in range(block_start, block_start + stride):
+        offset = uint64(stride)
+        for block in range(size // (2 * stride)):
+            block_start = uint64(block) * uint64(2 * stride)
+            for k in range(stride):
+                i = block_start + uint64(k)
                 a = segment[i]
-                b = segment[i + stride]
+                b = segment[i + offset]
                 segment[i] = a + b
-                segment[i + stride] = a - b
+                segment[i + offset] = a - b
         stride *= 2
 
 
 @njit(parallel=True, cache=True)
 def _hadamard_segment_rows(x, y, start, size, signs, inverse, scale):
-    """Kernel: ``x, y : (rows, dim)`` float32 C-contiguous, ``signs : (size,)`` float32."""
+    """Kernel: ``x, y : (rows, dim)`` float32 C-contiguous, ``signs : (size,)`` float32.
+
+    Writes every row of ``y``: the coordinates outside ``[start, start + size)`` copied from
+    ``x``, the segment transformed. ``scale`` is ``float32(1 / sqrt(size))``.
+    """
     rows, dim = x.shape
     stop = start + size
     for row in prange(rows):
@@ -72,16 +84,17 @@ def _hadamard_segment_rows(x, y, start, size, signs, inverse, scale):
             target[j] = source[j]
         for j in range(stop, dim):
             target[j] = source[j]
+        source_segment = source[start:stop]
         segment = target[start:stop]
         if inverse:
             for j in range(size):
-                segment[j] = source[start + j]
+                segment[j] = source_segment[j]
             _fwht_in_place(segment, size)
             for j in range(size):
                 segment[j] = segment[j] * scale * signs[j]
         else:
             for j in range(size):
-                segment[j] = source[start + j] * signs[j]
+                segment[j] = source_segment[j] * signs[j]
             _fwht_in_place(segment, size)
             for j in range(size):
                 segment[j] = segment[j] * scale

@@ -1,7 +1,7 @@
 """numba kernels of ScalarQuant: group min/max, then quantize fused with LSB-first packing.
 
 The fp16 rounding of scale and zero is shared with the reference
-(:func:`latkv.scalar.scale_and_zero`, NumPy on the small per-group arrays); the per-element
+(`latkv.scalar.scale_and_zero`, NumPy on the small per-group arrays); the per-element
 arithmetic here repeats the reference's float32 operations in the same order, so the codes
 are bit-identical.
 """
@@ -79,7 +79,7 @@ def _pack_row(codes, bits, out):
 
 @njit(inline="always")
 def _unpack_row(packed, bits, codes):
-    """Inverse of :func:`_pack_row`."""
+    """Inverse of `_pack_row`."""
     n = codes.shape[0]
     full = n // 8
     mask = np.uint64((1 << bits) - 1)
@@ -100,7 +100,7 @@ ROWS_PER_TASK = 256
 def _quantize_pack(x, scale, zero, side_row, side_column, bits, n_bytes):
     """Quantize rows of ``x (rows, dim)``; element (r, j) uses ``scale[side_row[r], side_column[j]]``.
 
-    The float32 operations are the reference's (:func:`latkv.scalar.quantize`) in its order.
+    The float32 operations are the reference's (`latkv.scalar.quantize`) in its order.
     """
     rows, dim = x.shape
     packed = np.zeros((rows, n_bytes), np.uint8)
@@ -138,6 +138,20 @@ def _unpack_dequantize(packed, scale, zero, side_row, side_column, bits, dim):
     return out
 
 
+# Small inputs run the same kernels compiled without threads: launching the parallel pool costs
+# more than the work below this many elements (and much more on a busy machine).
+SERIAL_BELOW = 1 << 16
+_serial = {}
+
+
+def _kernel(function, elements):
+    if elements >= SERIAL_BELOW:
+        return function
+    if function not in _serial:
+        _serial[function] = njit(cache=True)(function.py_func)
+    return _serial[function]
+
+
 def _side_indices(shape, group, axis):
     """Row -> side row and column -> side column maps for the flattened (rows, dim) view."""
     dim = shape[-1]
@@ -166,26 +180,26 @@ def encode(x, bits, group, axis):
     dim = shape[-1]
     if axis == "token":
         n_groups = -(-dim // group)
-        minimum, maximum = _token_min_max(x.reshape(-1, dim), group, n_groups)
+        minimum, maximum = _kernel(_token_min_max, x.size)(x.reshape(-1, dim), group, n_groups)
         side_shape = (*shape[:-1], n_groups)
     else:
         tokens = shape[-2]
         n_groups = -(-tokens // group)
-        minimum, maximum = _channel_min_max(x.reshape(-1, tokens, dim), group, n_groups)
+        minimum, maximum = _kernel(_channel_min_max, x.size)(x.reshape(-1, tokens, dim), group, n_groups)
         side_shape = (*shape[:-2], n_groups, dim)
     scale, zero = scale_and_zero(minimum.reshape(side_shape), maximum.reshape(side_shape), bits)
     side_row, side_column = _side_indices(shape, group, axis)
-    packed = _quantize_pack(x.reshape(-1, dim), _flat_sides(scale, axis),
+    packed = _kernel(_quantize_pack, x.size)(x.reshape(-1, dim), _flat_sides(scale, axis),
                             _flat_sides(zero, axis), side_row, side_column, bits,
                             packed_length(dim, bits))
     return packed.reshape(*shape[:-1], -1), scale, zero
 
 
 def decode(packed, scale, zero, bits, dim, group, axis):
-    """Inverse of :func:`encode` up to quantization: float32 ``(..., dim)``."""
+    """Inverse of `encode` up to quantization: float32 ``(..., dim)``."""
     shape = (*packed.shape[:-1], dim)
     side_row, side_column = _side_indices(shape, group, axis)
     packed2 = np.ascontiguousarray(packed).reshape(-1, packed.shape[-1])
-    out = _unpack_dequantize(packed2, _flat_sides(scale, axis), _flat_sides(zero, axis),
+    out = _kernel(_unpack_dequantize, packed2.size * 8)(packed2, _flat_sides(scale, axis), _flat_sides(zero, axis),
                              side_row, side_column, bits, dim)
     return out.reshape(shape)

@@ -2,7 +2,7 @@
 
 CuPy's own compiler wrapper refuses to run without a driver, so CI compiles through
 ``cuda.bindings.nvrtc`` (pip ``cuda-bindings`` + ``nvidia-cuda-nvrtc-cu12``). Every name
-expression listed in :data:`latkv._gpu.cuda_sources.KERNELS` is instantiated, so a template
+expression listed in `latkv._gpu.cuda_sources.KERNELS` is instantiated, so a template
 that does not compile for some bit width or size fails.
 
 Run ``python -m latkv._gpu.nvrtc [--arch sm_80 sm_90] [--out DIR]``.
