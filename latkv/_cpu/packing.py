@@ -1,4 +1,4 @@
-"""CPU fast path of bit packing: numba kernels, bit-exact with :mod:`latkv.packing`.
+"""CPU fast path of bit packing: numba kernels, bit-exact with `latkv.packing`.
 
 Eight codes of ``bits`` bits fill exactly ``bits`` bytes, so a row is cut into groups of
 eight codes that are packed independently: the eight code bytes are read as one
@@ -106,20 +106,61 @@ def _unpack_row(packed, codes, row, bits):
 
 @njit(parallel=True, cache=True)
 def _pack_rows(codes, packed, bits):
-    for row in prange(codes.shape[0]):
-        if bits == 1:
+    rows = codes.shape[0]
+    # one branch per width with a literal bits: constant shifts and loop counts in each
+    if bits == 1:
+        for row in prange(rows):
             _pack_row(codes, packed, row, 1)
-        else:
-            _pack_row(codes, packed, row, bits)
+    elif bits == 2:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 2)
+    elif bits == 3:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 3)
+    elif bits == 4:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 4)
+    elif bits == 5:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 5)
+    elif bits == 6:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 6)
+    elif bits == 7:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 7)
+    else:
+        for row in prange(rows):
+            _pack_row(codes, packed, row, 8)
 
 
 @njit(parallel=True, cache=True)
 def _unpack_rows(packed, codes, bits):
-    for row in prange(codes.shape[0]):
-        if bits == 1:
+    rows = codes.shape[0]
+    if bits == 1:
+        for row in prange(rows):
             _unpack_row(packed, codes, row, 1)
-        else:
-            _unpack_row(packed, codes, row, bits)
+    elif bits == 2:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 2)
+    elif bits == 3:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 3)
+    elif bits == 4:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 4)
+    elif bits == 5:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 5)
+    elif bits == 6:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 6)
+    elif bits == 7:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 7)
+    else:
+        for row in prange(rows):
+            _unpack_row(packed, codes, row, 8)
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -128,14 +169,14 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     Parameters
     ----------
     codes : (..., n) uint8 ndarray
-        Already checked by :func:`latkv.pack_bits`: values below ``2**bits``. Any strides.
+        Already checked by `latkv.pack_bits`: values below ``2**bits``. Any strides.
     bits : int
         Bits per code, 1..8.
 
     Returns
     -------
     packed : (..., ceil(n * bits / 8)) uint8 ndarray
-        Byte-identical to :func:`latkv.packing.pack_bits_reference`.
+        Byte-identical to `latkv.packing.pack_bits_reference`.
     """
     *lead, n = codes.shape
     packed_length = (n * bits + 7) // 8
@@ -152,7 +193,7 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     Parameters
     ----------
     packed : (..., ceil(n * bits / 8)) uint8 ndarray
-        Already checked by :func:`latkv.unpack_bits`. Any strides.
+        Already checked by `latkv.unpack_bits`. Any strides.
     bits : int
         Bits per code, 1..8.
     n : int
@@ -161,7 +202,7 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     Returns
     -------
     codes : (..., n) uint8 ndarray
-        Byte-identical to :func:`latkv.packing.unpack_bits_reference`.
+        Byte-identical to `latkv.packing.unpack_bits_reference`.
     """
     *lead, packed_length = packed.shape
     codes = np.empty((*lead, n), dtype=np.uint8)

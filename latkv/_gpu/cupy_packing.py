@@ -1,7 +1,7 @@
 """GPU production path of bit packing: the CuPy ``RawModule`` kernels of ``cuda_kernels/pack_bits.cu``.
 
 One thread per (row, group of 8 codes); see the source for the algorithm. Bit-exact with
-:func:`latkv.packing.pack_bits_reference` and :func:`latkv.packing.unpack_bits_reference`.
+`latkv.packing.pack_bits_reference` and `latkv.packing.unpack_bits_reference`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def pack_bits(codes: Any, bits: int) -> Any:
     Parameters
     ----------
     codes : (..., n) uint8 cupy.ndarray
-        Already checked by :func:`latkv.pack_bits`: values below ``2**bits``. Any strides.
+        Already checked by `latkv.pack_bits`: values below ``2**bits``. Any strides.
     bits : int
         Bits per code, 1..8.
 
@@ -52,7 +52,7 @@ def unpack_bits(packed: Any, bits: int, n: int) -> Any:
     Parameters
     ----------
     packed : (..., ceil(n * bits / 8)) uint8 cupy.ndarray
-        Already checked by :func:`latkv.unpack_bits`. Any strides.
+        Already checked by `latkv.unpack_bits`. Any strides.
     bits : int
         Bits per code, 1..8.
     n : int

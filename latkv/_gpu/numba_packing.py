@@ -116,7 +116,7 @@ def pack_bits(codes: Any, bits: int) -> Any:
     Parameters
     ----------
     codes : (..., n) uint8 array, NumPy or on the GPU (CuPy or ``__cuda_array_interface__``)
-        Already checked by :func:`latkv.pack_bits`: values below ``2**bits``. Any strides.
+        Already checked by `latkv.pack_bits`: values below ``2**bits``. Any strides.
     bits : int
         Bits per code, 1..8.
 
@@ -124,7 +124,7 @@ def pack_bits(codes: Any, bits: int) -> Any:
     -------
     packed : (..., ceil(n * bits / 8)) uint8 array
         NumPy for NumPy input (copied to the device and back), else CuPy. Byte-identical to
-        :func:`latkv.packing.pack_bits_reference`.
+        `latkv.packing.pack_bits_reference`.
     """
     *lead, n = codes.shape
     packed_length = (n * bits + 7) // 8
@@ -159,7 +159,7 @@ def unpack_bits(packed: Any, bits: int, n: int) -> Any:
     Parameters
     ----------
     packed : (..., ceil(n * bits / 8)) uint8 array, NumPy or on the GPU
-        Already checked by :func:`latkv.unpack_bits`. Any strides.
+        Already checked by `latkv.unpack_bits`. Any strides.
     bits : int
         Bits per code, 1..8.
     n : int
@@ -169,7 +169,7 @@ def unpack_bits(packed: Any, bits: int, n: int) -> Any:
     -------
     codes : (..., n) uint8 array
         NumPy for NumPy input, else CuPy. Byte-identical to
-        :func:`latkv.packing.unpack_bits_reference`.
+        `latkv.packing.unpack_bits_reference`.
     """
     *lead, packed_length = packed.shape
     if isinstance(packed, np.ndarray):
