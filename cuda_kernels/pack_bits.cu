@@ -5,12 +5,13 @@
 // A row of n codes takes ceil(n * BITS / 8) bytes; unused high bits of the last byte are 0.
 //
 // Eight codes fill exactly BITS bytes, so each thread handles one (row, group of 8 codes):
-// it gathers the 8 code bytes into a 64-bit word, squeezes them together in three
-// shift-and-mask steps (bytes -> 16-bit lanes of 2*BITS bits -> 32-bit lanes of 4*BITS bits
-// -> 8*BITS bits) and writes BITS bytes. The last group of a row may hold fewer than 8 codes
-// (the tail): it is packed into ceil(count * BITS / 8) bytes. Unpacking runs the same steps
-// backwards. Threads are indexed with 64-bit integers (rows * groups may exceed 2**31), and
-// a grid-stride loop covers any launch size.
+// it reads the 8 code bytes as one 64-bit word (a single load when the address is 8-byte
+// aligned, as it is whenever n % 8 == 0 and the array starts aligned), squeezes them together
+// in three shift-and-mask steps (bytes -> 16-bit lanes of 2*BITS bits -> 32-bit lanes of
+// 4*BITS bits -> 8*BITS bits) and writes BITS bytes. The last group of a row may hold fewer
+// than 8 codes (the tail): it is packed into ceil(count * BITS / 8) bytes. Unpacking runs the
+// same steps backwards. Threads are indexed with 64-bit integers (rows * groups may exceed
+// 2**31), and a grid-stride loop covers any launch size.
 //
 // Arrays are C-contiguous uint8: codes (rows, n), packed (rows, ceil(n * BITS / 8)).
 // Instantiated by NVRTC name expressions "pack_bits<BITS>" / "unpack_bits<BITS>".
@@ -61,8 +62,12 @@ __global__ void pack_bits(const uint8* __restrict__ codes, uint8* __restrict__ p
         const long long remaining = n - group * 8;
         if (remaining >= 8) {
             uint64 word = 0;
+            if (((uint64)source & 7ull) == 0) {
+                word = *reinterpret_cast<const uint64*>(source);  // n % 8 == 0: always aligned
+            } else {
 #pragma unroll
-            for (int k = 0; k < 8; ++k) word |= (uint64)source[k] << (8 * k);
+                for (int k = 0; k < 8; ++k) word |= (uint64)source[k] << (8 * k);
+            }
             word = squeeze_codes<BITS>(word);
 #pragma unroll
             for (int k = 0; k < BITS; ++k) target[k] = (uint8)(word >> (8 * k));
@@ -98,8 +103,12 @@ __global__ void unpack_bits(const uint8* __restrict__ packed, uint8* __restrict_
 #pragma unroll
             for (int k = 0; k < BITS; ++k) word |= (uint64)source[k] << (8 * k);
             word = spread_codes<BITS>(word);
+            if (((uint64)target & 7ull) == 0) {
+                *reinterpret_cast<uint64*>(target) = word;  // n % 8 == 0: always aligned
+            } else {
 #pragma unroll
-            for (int k = 0; k < 8; ++k) target[k] = (uint8)(word >> (8 * k));
+                for (int k = 0; k < 8; ++k) target[k] = (uint8)(word >> (8 * k));
+            }
         } else {
             const int count = (int)remaining;
             const int length = (count * BITS + 7) / 8;

@@ -1,16 +1,17 @@
 """CPU fast path of bit packing: numba kernels, bit-exact with `latkv.packing`.
 
-Eight codes of ``bits`` bits fill exactly ``bits`` bytes, so a row is cut into groups of
-eight codes that are packed independently: the eight code bytes are read as one
-little-endian ``uint64`` word and squeezed together in three shift-and-mask steps (pairs of
-bytes into 16-bit lanes of ``2 * bits`` bits, pairs of those into 32-bit lanes, then the two
-halves), after which the low ``bits`` bytes of the word are the packed bytes. Unpacking runs
-the same steps backwards. The last ``n % 8`` codes of a row (the tail) are packed code by
-code. Rows are spread over threads with ``prange``.
+Eight codes of ``bits`` bits fill exactly ``bits`` bytes, so each row is cut into groups of
+eight codes that are packed independently. The eight code bytes of a group, read as one
+little-endian ``uint64`` word, are squeezed together in three shift-and-mask steps: pairs of
+bytes into 16-bit lanes of ``2 * bits`` bits, pairs of those into 32-bit lanes of
+``4 * bits`` bits, then the two halves, after which the low ``bits`` bytes of the word are the
+packed bytes. Unpacking spreads them back with the same steps in reverse. For ``bits = 1`` a
+single multiplication does the squeeze (and a multiply, mask and add the spread).
 
-The kernel body is written once (``_pack_row`` / ``_unpack_row``, inlined) and called from a
-branch per bit width with a literal ``bits``, so that LLVM sees constant shifts and masks and
-fixed-length byte loops for each of the eight widths.
+When ``n`` is a multiple of 8 (head dims are), the codes are read or written as a ``uint64``
+view, one word per group. Otherwise each row is handled byte by byte: whole groups first,
+then the last ``n % 8`` codes (the tail) into ``ceil((n % 8) * bits / 8)`` bytes. Rows are
+spread over threads with ``prange``.
 """
 
 from __future__ import annotations
@@ -21,146 +22,130 @@ from numba import njit, prange
 _BYTE_LANES = np.uint64(0x00FF00FF00FF00FF)
 _SHORT_LANES = np.uint64(0x0000FFFF0000FFFF)
 _WORD_LANES = np.uint64(0x00000000FFFFFFFF)
+# bit 0 of every byte; a byte times this is copied into every byte
+_BYTE_ONES = np.uint64(0x0101010101010101)
+# bit 0 of byte k times 2**(56 - 7k) lands on bit 56 + k: the eight bits gathered in the top byte
+_GATHER_BITS = np.uint64(0x0102040810204080)
+# bit k of byte k
+_DIAGONAL_BITS = np.uint64(0x8040201008040201)
+_SEVEN_BITS = np.uint64(0x7F7F7F7F7F7F7F7F)
+_EMPTY_WORDS = np.empty((0, 0), dtype=np.uint64)
 
 
 @njit(inline="always", cache=True)
-def _lane_masks(bits):
-    """Masks of the low ``bits``, ``2 * bits`` and ``4 * bits`` bits of every 16-, 32- and
-    64-bit lane (the layout after each squeeze step)."""
+def _squeeze(word, bits):
+    """Eight codes of ``bits`` bits, one per byte of ``word``, into its low ``8 * bits`` bits."""
+    word = (word & _BYTE_LANES) | ((word & ~_BYTE_LANES) >> np.uint64(8 - bits))
+    word = (word & _SHORT_LANES) | ((word & ~_SHORT_LANES) >> np.uint64(16 - 2 * bits))
+    return (word & _WORD_LANES) | ((word & ~_WORD_LANES) >> np.uint64(32 - 4 * bits))
+
+
+@njit(inline="always", cache=True)
+def _spread(word, bits):
+    """Inverse of `_squeeze`: the low ``8 * bits`` bits of ``word`` into eight bytes."""
     one = np.uint64(1)
     width = np.uint64(bits)
-    low = (one << width) - one
-    low2 = (one << (np.uint64(2) * width)) - one
-    low4 = (one << (np.uint64(4) * width)) - one
-    mask_16 = low | (low << np.uint64(16)) | (low << np.uint64(32)) | (low << np.uint64(48))
-    mask_32 = low2 | (low2 << np.uint64(32))
-    mask_64 = low4
-    return mask_16, mask_32, mask_64
+    # masks of the low bits, 2*bits and 4*bits bits of every 16-, 32- and 64-bit lane
+    low_1 = (one << width) - one
+    low_2 = (one << (np.uint64(2) * width)) - one
+    mask_64 = (one << (np.uint64(4) * width)) - one
+    mask_32 = low_2 | (low_2 << np.uint64(32))
+    mask_16 = low_1 | (low_1 << np.uint64(16)) | (low_1 << np.uint64(32)) | (low_1 << np.uint64(48))
+    word = (word & mask_64) | ((word & ~mask_64) << np.uint64(32 - 4 * bits))
+    word = (word & mask_32) | ((word & ~mask_32) << np.uint64(16 - 2 * bits))
+    return (word & mask_16) | ((word & ~mask_16) << np.uint64(8 - bits))
 
 
 @njit(inline="always", cache=True)
-def _pack_row(codes, packed, row, bits):
-    """Pack ``codes[row]`` into ``packed[row]`` (both C-contiguous 2-D uint8)."""
-    n = codes.shape[1]
-    width = np.uint64(bits)
-    shift_8 = np.uint64(8 - bits)
-    shift_16 = np.uint64(16 - 2 * bits)
-    shift_32 = np.uint64(32 - 4 * bits)
+def _load_bytes(array, row, start, count):
+    """Bytes ``array[row, start:start + count]`` (``count <= 8``) as a little-endian word."""
+    word = np.uint64(0)
+    for k in range(count):
+        word |= np.uint64(array[row, start + k]) << np.uint64(8 * k)
+    return word
+
+
+@njit(inline="always", cache=True)
+def _store_bytes(array, row, start, count, word):
+    """The low ``count`` bytes of ``word`` into ``array[row, start:start + count]``."""
+    for k in range(count):
+        array[row, start + k] = np.uint8((word >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+
+@njit(parallel=True, cache=True)
+def _pack_rows(codes, code_words, packed, bits):
+    """Pack each row of ``codes`` (rows, n) into ``packed`` (rows, ceil(n * bits / 8)).
+
+    ``code_words`` is ``codes`` viewed as (rows, n / 8) uint64 when ``n % 8 == 0``, else an
+    empty array (then the bytes are read one by one).
+    """
+    rows, n = codes.shape
     full_groups = n // 8
-    for group in range(full_groups):
-        start = group * 8
-        word = np.uint64(0)
-        for k in range(8):
-            word |= np.uint64(codes[row, start + k]) << np.uint64(8 * k)
-        # bytes -> 16-bit lanes of 2*bits bits -> 32-bit lanes of 4*bits bits -> 8*bits bits
-        word = (word & _BYTE_LANES) | ((word & ~_BYTE_LANES) >> shift_8)
-        word = (word & _SHORT_LANES) | ((word & ~_SHORT_LANES) >> shift_16)
-        word = (word & _WORD_LANES) | ((word & ~_WORD_LANES) >> shift_32)
-        out = group * bits
-        for k in range(bits):
-            packed[row, out + k] = np.uint8((word >> np.uint64(8 * k)) & np.uint64(0xFF))
-    tail = n - full_groups * 8
-    if tail > 0:
-        start = full_groups * 8
-        word = np.uint64(0)
-        for k in range(tail):
-            word |= np.uint64(codes[row, start + k]) << (np.uint64(k) * width)
-        out = full_groups * bits
-        for k in range((tail * bits + 7) // 8):
-            packed[row, out + k] = np.uint8((word >> np.uint64(8 * k)) & np.uint64(0xFF))
-
-
-@njit(inline="always", cache=True)
-def _unpack_row(packed, codes, row, bits):
-    """Unpack ``packed[row]`` into ``codes[row]`` (both C-contiguous 2-D uint8)."""
-    n = codes.shape[1]
+    tail = n - 8 * full_groups
     width = np.uint64(bits)
-    shift_8 = np.uint64(8 - bits)
-    shift_16 = np.uint64(16 - 2 * bits)
-    shift_32 = np.uint64(32 - 4 * bits)
-    mask_16, mask_32, mask_64 = _lane_masks(bits)
+    use_words = code_words.shape[0] == rows
+    for row in prange(rows):
+        if use_words and bits == 1:
+            for group in range(full_groups):
+                gathered = (code_words[row, group] * _GATHER_BITS) >> np.uint64(56)
+                packed[row, group] = np.uint8(gathered)
+        elif use_words:
+            for group in range(full_groups):
+                word = _squeeze(code_words[row, group], bits)
+                _store_bytes(packed, row, group * bits, bits, word)
+        else:
+            for group in range(full_groups):
+                word = _squeeze(_load_bytes(codes, row, group * 8, 8), bits)
+                _store_bytes(packed, row, group * bits, bits, word)
+            if tail > 0:
+                start = full_groups * 8
+                word = np.uint64(0)
+                for k in range(tail):
+                    word |= np.uint64(codes[row, start + k]) << (np.uint64(k) * width)
+                _store_bytes(packed, row, full_groups * bits, (tail * bits + 7) // 8, word)
+
+
+@njit(parallel=True, cache=True)
+def _unpack_rows(packed, codes, code_words, bits):
+    """Unpack each row of ``packed`` (rows, ceil(n * bits / 8)) into ``codes`` (rows, n).
+
+    ``code_words`` is ``codes`` viewed as (rows, n / 8) uint64 when ``n % 8 == 0``, else an
+    empty array (then the codes are written one by one).
+    """
+    rows, n = codes.shape
+    full_groups = n // 8
+    tail = n - 8 * full_groups
+    width = np.uint64(bits)
     code_mask = (np.uint64(1) << width) - np.uint64(1)
-    full_groups = n // 8
-    for group in range(full_groups):
-        start = group * bits
-        word = np.uint64(0)
-        for k in range(bits):
-            word |= np.uint64(packed[row, start + k]) << np.uint64(8 * k)
-        # 8*bits bits -> 32-bit lanes of 4*bits bits -> 16-bit lanes of 2*bits -> bytes of bits
-        word = (word & mask_64) | ((word & ~mask_64) << shift_32)
-        word = (word & mask_32) | ((word & ~mask_32) << shift_16)
-        word = (word & mask_16) | ((word & ~mask_16) << shift_8)
-        out = group * 8
-        for k in range(8):
-            codes[row, out + k] = np.uint8((word >> np.uint64(8 * k)) & np.uint64(0xFF))
-    tail = n - full_groups * 8
-    if tail > 0:
-        start = full_groups * bits
-        word = np.uint64(0)
-        for k in range((tail * bits + 7) // 8):
-            word |= np.uint64(packed[row, start + k]) << np.uint64(8 * k)
-        out = full_groups * 8
-        for k in range(tail):
-            codes[row, out + k] = np.uint8((word >> (np.uint64(k) * width)) & code_mask)
+    use_words = code_words.shape[0] == rows
+    for row in prange(rows):
+        if use_words and bits == 1:
+            for group in range(full_groups):
+                diagonal = (np.uint64(packed[row, group]) * _BYTE_ONES) & _DIAGONAL_BITS
+                # a nonzero byte (one bit set) plus 0x7F carries into its bit 7, never beyond
+                code_words[row, group] = ((diagonal + _SEVEN_BITS) >> np.uint64(7)) & _BYTE_ONES
+        elif use_words:
+            for group in range(full_groups):
+                code_words[row, group] = _spread(_load_bytes(packed, row, group * bits, bits), bits)
+        else:
+            for group in range(full_groups):
+                word = _spread(_load_bytes(packed, row, group * bits, bits), bits)
+                _store_bytes(codes, row, group * 8, 8, word)
+            if tail > 0:
+                start = full_groups * bits
+                word = _load_bytes(packed, row, start, (tail * bits + 7) // 8)
+                for k in range(tail):
+                    codes[row, full_groups * 8 + k] = np.uint8(
+                        (word >> (np.uint64(k) * width)) & code_mask
+                    )
 
 
-@njit(parallel=True, cache=True)
-def _pack_rows(codes, packed, bits):
-    rows = codes.shape[0]
-    # one branch per width with a literal bits: constant shifts and loop counts in each
-    if bits == 1:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 1)
-    elif bits == 2:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 2)
-    elif bits == 3:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 3)
-    elif bits == 4:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 4)
-    elif bits == 5:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 5)
-    elif bits == 6:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 6)
-    elif bits == 7:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 7)
-    else:
-        for row in prange(rows):
-            _pack_row(codes, packed, row, 8)
-
-
-@njit(parallel=True, cache=True)
-def _unpack_rows(packed, codes, bits):
-    rows = codes.shape[0]
-    if bits == 1:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 1)
-    elif bits == 2:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 2)
-    elif bits == 3:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 3)
-    elif bits == 4:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 4)
-    elif bits == 5:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 5)
-    elif bits == 6:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 6)
-    elif bits == 7:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 7)
-    else:
-        for row in prange(rows):
-            _unpack_row(packed, codes, row, 8)
+def _word_view(array_2d: np.ndarray) -> np.ndarray:
+    """``array_2d`` (rows, 8 * m) uint8, C-contiguous, as (rows, m) uint64; the empty
+    placeholder when its rows are not whole words or it does not start 8-byte aligned."""
+    if array_2d.shape[1] % 8 or array_2d.ctypes.data % 8:
+        return _EMPTY_WORDS
+    return array_2d.view(np.uint64)
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -180,10 +165,11 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     """
     *lead, n = codes.shape
     packed_length = (n * bits + 7) // 8
-    codes_2d = np.ascontiguousarray(codes).reshape(-1, n) if n else None
     packed = np.empty((*lead, packed_length), dtype=np.uint8)
-    if codes_2d is not None and codes_2d.shape[0] > 0:
-        _pack_rows(codes_2d, packed.reshape(-1, packed_length), int(bits))
+    if packed.size == 0:
+        return packed
+    codes_2d = np.ascontiguousarray(codes).reshape(-1, n)
+    _pack_rows(codes_2d, _word_view(codes_2d), packed.reshape(-1, packed_length), int(bits))
     return packed
 
 
@@ -206,7 +192,9 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """
     *lead, packed_length = packed.shape
     codes = np.empty((*lead, n), dtype=np.uint8)
-    if n and codes.size:
-        packed_2d = np.ascontiguousarray(packed).reshape(-1, packed_length)
-        _unpack_rows(packed_2d, codes.reshape(-1, n), int(bits))
+    if codes.size == 0:
+        return codes
+    packed_2d = np.ascontiguousarray(packed).reshape(-1, packed_length)
+    codes_2d = codes.reshape(-1, n)
+    _unpack_rows(packed_2d, codes_2d, _word_view(codes_2d), int(bits))
     return codes

@@ -104,6 +104,14 @@ def _unpack_kernel(packed, codes, bits):
         index += stride
 
 
+def _cupy_stream() -> Any:
+    """CuPy's current stream for a numba launch, so that the kernel is ordered with CuPy work."""
+    import cupy
+
+    pointer = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(pointer) if pointer else 0
+
+
 def _blocks(rows: int, n: int) -> int:
     """Blocks of ``THREADS_PER_BLOCK`` threads for one thread per (row, group of 8 codes)."""
     total = rows * ((n + 7) // 8)
@@ -145,7 +153,7 @@ def pack_bits(codes: Any, bits: int) -> Any:
         return packed
     codes_2d = cupy.ascontiguousarray(cupy.asarray(codes), dtype=cupy.uint8).reshape(-1, n)
     blocks = _blocks(codes_2d.shape[0], n)
-    _pack_kernel[blocks, THREADS_PER_BLOCK](
+    _pack_kernel[blocks, THREADS_PER_BLOCK, _cupy_stream()](
         cuda.as_cuda_array(codes_2d),
         cuda.as_cuda_array(packed.reshape(-1, packed_length)),
         int(bits),
@@ -191,7 +199,7 @@ def unpack_bits(packed: Any, bits: int, n: int) -> Any:
         -1, packed_length
     )
     blocks = _blocks(packed_2d.shape[0], n)
-    _unpack_kernel[blocks, THREADS_PER_BLOCK](
+    _unpack_kernel[blocks, THREADS_PER_BLOCK, _cupy_stream()](
         cuda.as_cuda_array(packed_2d),
         cuda.as_cuda_array(codes.reshape(-1, n)),
         int(bits),
