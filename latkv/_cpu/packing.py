@@ -95,8 +95,11 @@ def _pack_rows(codes, code_words, packed, bits):
                 _store_bytes(packed, row, group * bits, bits, word)
         else:
             for group in range(full_groups):
-                word = _squeeze(_load_bytes(codes, row, group * 8, 8), bits)
-                _store_bytes(packed, row, group * bits, bits, word)
+                word = _load_bytes(codes, row, group * 8, 8)
+                if bits == 1:
+                    packed[row, group] = np.uint8((word * _GATHER_BITS) >> np.uint64(56))
+                else:
+                    _store_bytes(packed, row, group * bits, bits, _squeeze(word, bits))
             if tail > 0:
                 start = full_groups * 8
                 word = np.uint64(0)
@@ -129,7 +132,11 @@ def _unpack_rows(packed, codes, code_words, bits):
                 code_words[row, group] = _spread(_load_bytes(packed, row, group * bits, bits), bits)
         else:
             for group in range(full_groups):
-                word = _spread(_load_bytes(packed, row, group * bits, bits), bits)
+                if bits == 1:
+                    diagonal = (np.uint64(packed[row, group]) * _BYTE_ONES) & _DIAGONAL_BITS
+                    word = ((diagonal + _SEVEN_BITS) >> np.uint64(7)) & _BYTE_ONES
+                else:
+                    word = _spread(_load_bytes(packed, row, group * bits, bits), bits)
                 _store_bytes(codes, row, group * 8, 8, word)
             if tail > 0:
                 start = full_groups * bits
