@@ -10,6 +10,8 @@ share them). For a group ``g`` of elements with minimum ``m`` and maximum ``M`` 
     code    = clip(rint((x - zero_g) / scale_g), 0, L)
     x_hat   = code * scale_g + zero_g
 
+(and one fp16 step more in the rare case that float32 rounding of the division leaves
+``scale_g * L < M - zero_g``, e.g. a subnormal range whose step underflows to 0).
 Rounding the stored fp16 zero down and the scale up keeps ``[m, M]`` inside the grid, so
 ``|x - x_hat| <= scale_g / 2`` for every element (up to float32 rounding). All arithmetic is
 float32; float16 and float64 inputs are converted first.
@@ -42,27 +44,35 @@ def _next_float16_up(h: Any) -> Any:
     return xp.where(is_zero, xp.uint16(1), stepped).astype(xp.uint16).view(xp.float16)
 
 
+FLOAT16_VALUE_ERROR = ("x has values beyond the float16 range (|x| > 65504): the fp16 scale "
+                       "and zero of ScalarQuant cannot represent them")
+FLOAT16_RANGE_ERROR = ("x has values or ranges beyond float16 (|x| or max - min over 65504): "
+                       "the fp16 scale and zero of ScalarQuant cannot represent them")
+
+
 def scale_and_zero(minimum: Any, maximum: Any, bits: int) -> tuple[Any, Any]:
-    """fp16 ``(scale, zero)`` per group from float32 group minima and maxima (see module doc)."""
+    """fp16 ``(scale, zero)`` per group from float32 group minima and maxima (see module doc).
+
+    Signed zeros are made ``+0.0`` first, so the stored bits do not depend on which of two
+    equal zeros a min or max reduction returns.
+    """
     xp = array_module(minimum)
     levels = xp.float32((1 << bits) - 1)
     largest = float(np.finfo(np.float16).max)
     if bool((minimum < -largest).any()) or bool((maximum > largest).any()):
-        raise ValueError(
-            "x has values beyond the float16 range (|x| > 65504): the fp16 scale and zero of "
-            "ScalarQuant cannot represent them"
-        )
+        raise ValueError(FLOAT16_VALUE_ERROR)
+    minimum, maximum = minimum + xp.float32(0.0), maximum + xp.float32(0.0)
     with np.errstate(over="ignore", invalid="ignore"):
         zero = minimum.astype(xp.float16)
         zero = xp.where(zero.astype(xp.float32) > minimum, -_next_float16_up(-zero), zero)
         step = (maximum - zero.astype(xp.float32)) / levels
         scale = step.astype(xp.float16)
         scale = xp.where(scale.astype(xp.float32) < step, _next_float16_up(scale), scale)
+        # the float32 division may have rounded the step down (to 0 for tiny subnormal ranges)
+        span = maximum - zero.astype(xp.float32)
+        scale = xp.where(scale.astype(xp.float32) * levels < span, _next_float16_up(scale), scale)
     if not (bool(xp.isfinite(zero).all()) and bool(xp.isfinite(scale).all())):
-        raise ValueError(
-            "x has values or ranges beyond float16 (|x| or max - min over 65504): the fp16 "
-            "scale and zero of ScalarQuant cannot represent them"
-        )
+        raise ValueError(FLOAT16_RANGE_ERROR)
     return scale.astype(xp.float16), zero.astype(xp.float16)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -27,6 +29,49 @@ def test_error_never_exceeds_half_a_step(bits, group, axis, x, backend):
     assert (np.abs(x_hat - x) <= tolerance).all()
 
 
+@given(bits=st.integers(1, 8), group=st.integers(1, 24), axis=st.sampled_from(["token", "channel"]),
+       x=hnp.arrays(np.float32, st.tuples(st.integers(1, 9), st.just(24)),
+                    elements=st.sampled_from([0.0, -0.0, 1e-7, -3e-6, 0.1, -2.5, 6e4])
+                    | finite32))
+def test_numba_writes_the_reference_bits(bits, group, axis, x):
+    # every byte of codes, scales and zeros, signed zeros and fp16 subnormals included
+    qz = latkv.ScalarQuant(dim=24, bits=bits, group=group, axis=axis)
+    try:
+        reference = qz.encode(x, backend="numpy")
+    except ValueError as error:  # a group range beyond float16: both refuse alike
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            qz.encode(x, backend="numba")
+        return
+    fast = qz.encode(x, backend="numba")
+    for key, array in reference.arrays.items():
+        assert fast[key].dtype == array.dtype
+        assert fast[key].tobytes() == array.tobytes(), key
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_ranges_beyond_float16_are_refused(backend, axis):
+    qz = latkv.ScalarQuant(dim=2, bits=1, group=2, axis=axis)
+    # both values are float16 numbers, but the step (max - min) / 1 is not
+    wide = np.array([[-60000.0, 60000.0], [60000.0, -60000.0]], np.float32)
+    with pytest.raises(ValueError, match="ranges beyond float16"):
+        qz.encode(wide, backend=backend)
+    with pytest.raises(ValueError, match="beyond the float16 range"):
+        qz.encode(np.array([[1e5, 0.0], [0.0, 0.0]], np.float32), backend=backend)
+
+
+def test_small_inputs_use_serial_kernels_with_their_own_cache_entries():
+    # numba names cache entries after the function's qualified name: a serial clone under the
+    # same name was loaded for the parallel kernel too, silently running it on one thread
+    from latkv._cpu import scalar as kernels
+
+    for kernel in (kernels._encode_token, kernels._encode_channel, kernels._unpack_dequantize):
+        serial = kernels._kernel(kernel, 1)
+        assert kernels._kernel(kernel, kernels.SERIAL_BELOW) is kernel
+        assert kernel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
+        assert serial.py_func.__qualname__ != kernel.py_func.__qualname__
+
+
 def test_group_range_is_covered_by_the_grid():
     # min and max that are not fp16 numbers: the zero rounds down, the scale up
     minimum = np.array([0.1, -3.3, 1e-5, 7.0], dtype=np.float32)
@@ -43,6 +88,17 @@ def test_constant_group_decodes_exactly():
     qz = latkv.ScalarQuant(dim=8, bits=2, group=8)
     x = np.full((3, 8), 0.5, dtype=np.float32)  # 0.5 is an fp16 number: scale 0, error 0
     assert np.array_equal(qz.decode(qz.encode(x)), x)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_tiny_ranges_keep_a_nonzero_step(backend):
+    # min = max = 1e-45 (float32 subnormal): the zero rounds down to 0 and (1e-45 - 0) / 3
+    # underflows to 0 in float32; the scale must still reach 1e-45, so it is 2**-24
+    qz = latkv.ScalarQuant(dim=4, bits=2, group=1)
+    x = np.full((1, 4), 1e-45, dtype=np.float32)
+    codes = qz.encode(x, backend=backend)
+    assert (codes["scale"] == np.float16(2.0**-24)).all() and (codes["zero"] == 0).all()
+    assert (np.abs(qz.decode(codes) - x) <= 2.0**-25).all()
 
 
 def test_sizes_match_the_kivi_formulas():
