@@ -48,6 +48,13 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("hadamard_segment", "numba"): "latkv._cpu.hadamard:hadamard_segment",
     ("hadamard_segment", "cupy"): "latkv._gpu.cupy_hadamard:hadamard_segment",
     ("hadamard_segment", "numba.cuda"): "latkv._gpu.numba_hadamard:hadamard_segment",
+    # the whole RandomizedHadamard (permutation and one or two stages), forward or inverse:
+    # `latkv.rotations.randomized_hadamard_staged` with that backend's stage; numba fuses it
+    # into one pass over each row.
+    ("randomized_hadamard", "numpy"): "latkv.rotations:randomized_hadamard_staged",
+    ("randomized_hadamard", "numba"): "latkv._cpu.hadamard:randomized_hadamard",
+    ("randomized_hadamard", "cupy"): "latkv._gpu.cupy_hadamard:randomized_hadamard",
+    ("randomized_hadamard", "numba.cuda"): "latkv._gpu.numba_hadamard:randomized_hadamard",
 }
 
 _loaded: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -74,6 +74,35 @@ def hadamard_segment_reference(
     return y
 
 
+def randomized_hadamard_staged(
+    x: Any, permutation: Any, head_signs: Any, tail_signs: Any, inverse: bool,
+    stage: Any = hadamard_segment_reference,
+) -> Any:
+    """`RandomizedHadamard` as a sequence of ``hadamard_segment`` stages (float32, copied).
+
+    Forward: ``y = x[..., permutation]``, then the stage with ``head_signs`` on
+    ``y[..., :p]`` and the stage with ``tail_signs`` on ``y[..., dim - p:]`` (``p`` =
+    ``len(head_signs)``). Inverse: the stages undone in reverse order, then
+    ``out[..., permutation] = y``. With ``tail_signs=None`` (``dim == p``) it is the one head
+    stage and ``permutation`` is ignored. ``stage`` is a ``hadamard_segment`` implementation
+    (the NumPy reference by default; the GPU backends pass theirs).
+    """
+    xp = array_module(x)
+    p = int(head_signs.shape[0])
+    dim = int(x.shape[-1])
+    if tail_signs is None:
+        return stage(x, 0, p, head_signs, inverse)
+    if not inverse:
+        y = xp.take(x, permutation, axis=-1)
+        y = stage(y, 0, p, head_signs, False)
+        return stage(y, dim - p, p, tail_signs, False)
+    y = stage(x, dim - p, p, tail_signs, True)
+    y = stage(y, 0, p, head_signs, True)
+    out = xp.empty_like(y)
+    out[..., permutation] = y
+    return out
+
+
 def _signs(rng: np.random.Generator, n: int) -> np.ndarray:
     return (1 - 2 * rng.integers(0, 2, size=n)).astype(np.float32)
 
@@ -206,35 +235,21 @@ class RandomizedHadamard(Rotation):
         """``p``: the largest power of two ``<= dim`` (the FWHT length)."""
         return 1 << (self.dim.bit_length() - 1)
 
-    @cached_property
-    def inverse_permutation(self) -> np.ndarray:
-        return np.argsort(self.permutation)
+    def _transform(self, x: Any, name: str, backend: str | None, inverse: bool) -> Any:
+        x = _as_float32_input(x, name, self.dim)
+        backend = resolve_backend(backend, x)
+        xp = array_module(x)
+        tail = None if self.tail_signs is None else _device(self.tail_signs, xp)
+        return implementation("randomized_hadamard", backend)(
+            x, _device(self.permutation, xp), _device(self.head_signs, xp), tail, inverse)
 
     def apply(self, x: Any, *, backend: str | None = None) -> Any:
         """``x : (..., dim)`` float -> ``(..., dim)`` float32, the rotated vectors."""
-        x = _as_float32_input(x, "x", self.dim)
-        backend = resolve_backend(backend, x)
-        xp = array_module(x)
-        stage = implementation("hadamard_segment", backend)
-        p = self.block
-        if self.tail_signs is None:
-            return stage(x, 0, p, _device(self.head_signs, xp), False)
-        y = xp.take(x, _device(self.permutation, xp), axis=-1)
-        y = stage(y, 0, p, _device(self.head_signs, xp), False)
-        return stage(y, self.dim - p, p, _device(self.tail_signs, xp), False)
+        return self._transform(x, "x", backend, False)
 
     def inverse(self, y: Any, *, backend: str | None = None) -> Any:
         """``y : (..., dim)`` float -> ``(..., dim)`` float32 with ``inverse(apply(x)) == x``."""
-        y = _as_float32_input(y, "y", self.dim)
-        backend = resolve_backend(backend, y)
-        xp = array_module(y)
-        stage = implementation("hadamard_segment", backend)
-        p = self.block
-        if self.tail_signs is None:
-            return stage(y, 0, p, _device(self.head_signs, xp), True)
-        y = stage(y, self.dim - p, p, _device(self.tail_signs, xp), True)
-        y = stage(y, 0, p, _device(self.head_signs, xp), True)
-        return xp.take(y, _device(self.inverse_permutation, xp), axis=-1)
+        return self._transform(y, "y", backend, True)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from latkv.rotations import (
     RandomizedHadamard,
     RandomOrthogonal,
     hadamard_segment_reference,
+    randomized_hadamard_staged,
 )
 
 # set by tests/conftest.py (before numba.cuda is imported) where there is no GPU
@@ -393,6 +394,47 @@ def test_numba_hadamard_segment_rejects_bad_segment(start, size, signs_size):
     x = np.ones((2, 8), dtype=np.float32)
     with pytest.raises(ValueError, match="segment|signs"):
         stage(x, start, size, np.ones(signs_size, dtype=np.float32), False)
+
+
+@given(dim=randomized_dims, seed=seeds, rows=st.integers(0, 600), data_seed=data_seeds)
+def test_numba_randomized_hadamard_is_bit_exact_with_the_stages(dim, seed, rows, data_seed):
+    # the fused one-pass kernel does the staged reference's float32 operations in its order;
+    # rows up to 600 cross the kernel's 256-row tasks
+    rotation = RandomizedHadamard(dim, seed=seed)
+    fused = implementation("randomized_hadamard", "numba")
+    x = sample_rows((rows, dim), data_seed)
+    for inverse in (False, True):
+        expected = randomized_hadamard_staged(x, rotation.permutation, rotation.head_signs,
+                                              rotation.tail_signs, inverse)
+        got = fused(x, rotation.permutation, rotation.head_signs, rotation.tail_signs, inverse)
+        assert got.shape == x.shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_staged_reference_against_dense_stages(rng):
+    # independent check of the staged reference: permutation matrix, then two dense stages
+    rotation = RandomizedHadamard(24, seed=5)
+    p = rotation.block
+    permute = np.eye(24)[:, rotation.permutation]             # x @ permute == x[..., perm]
+    head, tail = np.eye(24), np.eye(24)
+    head[:p, :p] = np.diag(rotation.head_signs) @ scipy.linalg.hadamard(p) / np.sqrt(p)
+    tail[-p:, -p:] = np.diag(rotation.tail_signs) @ scipy.linalg.hadamard(p) / np.sqrt(p)
+    x = rng.standard_normal((5, 24)).astype(np.float32)
+    np.testing.assert_allclose(rotation.apply(x, backend="numpy"), x @ permute @ head @ tail,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("permutation,head,tail,match", [
+    (np.arange(12), np.ones(6), np.ones(6), "power-of-two"),
+    (np.arange(12), np.ones(8), None, "tail_signs is needed"),
+    (np.arange(12), np.ones(8), np.ones(4), "tail_signs must have shape"),
+    (np.zeros(12, dtype=np.int64), np.ones(8), np.ones(8), "permutation"),
+    (np.arange(11), np.ones(8), np.ones(8), "permutation"),
+])
+def test_numba_randomized_hadamard_rejects_bad_arguments(permutation, head, tail, match):
+    fused = implementation("randomized_hadamard", "numba")
+    with pytest.raises(ValueError, match=match):
+        fused(np.ones((2, 12), np.float32), permutation, head, tail, False)
 
 
 # ------------------------------------------------------------------------------------------

@@ -143,3 +143,111 @@ def hadamard_segment(
         x.reshape(-1, dim), y.reshape(-1, dim), start, size, signs, bool(inverse), scale
     )
     return y
+
+
+ROWS_PER_TASK = 256
+_NO_SIGNS = np.empty(0, dtype=np.float32)
+
+
+@njit(inline="always")
+def _forward_stage(segment, signs, scale):
+    for j in range(segment.shape[0]):
+        segment[j] = segment[j] * signs[j]
+    _fwht_in_place(segment, segment.shape[0])
+    for j in range(segment.shape[0]):
+        segment[j] = segment[j] * scale
+
+
+@njit(inline="always")
+def _inverse_stage(segment, signs, scale):
+    _fwht_in_place(segment, segment.shape[0])
+    for j in range(segment.shape[0]):
+        segment[j] = segment[j] * scale * signs[j]
+
+
+@njit(parallel=True, cache=True)
+def _randomized_hadamard_rows(x, y, permutation, head_signs, tail_signs, inverse, scale):
+    """Kernel: every row of ``y`` is the RandomizedHadamard of the row of ``x``.
+
+    Forward: gather ``x[row, permutation]`` into ``y[row]``, head stage on ``[:p]``, tail
+    stage on ``[dim - p:]``, all in place in the output row. Inverse: the stages in reverse on
+    a per-task buffer, then the scatter ``y[row, permutation] = buffer``. An empty
+    ``tail_signs`` means ``dim == p``: one stage, no permutation. The float32 operations are
+    those of `latkv.rotations.randomized_hadamard_staged` in its order.
+    """
+    rows, dim = x.shape
+    p = head_signs.shape[0]
+    two_stages = tail_signs.shape[0] == p
+    tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(tasks):
+        buffer = np.empty(dim, np.float32)
+        for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            source = x[row]
+            target = y[row]
+            if not inverse:
+                if two_stages:
+                    for j in range(dim):
+                        target[j] = source[permutation[j]]
+                else:
+                    for j in range(dim):
+                        target[j] = source[j]
+                _forward_stage(target[:p], head_signs, scale)
+                if two_stages:
+                    _forward_stage(target[dim - p:], tail_signs, scale)
+            elif two_stages:
+                for j in range(dim):
+                    buffer[j] = source[j]
+                _inverse_stage(buffer[dim - p:], tail_signs, scale)
+                _inverse_stage(buffer[:p], head_signs, scale)
+                for j in range(dim):
+                    target[permutation[j]] = buffer[j]
+            else:
+                for j in range(dim):
+                    target[j] = source[j]
+                _inverse_stage(target, head_signs, scale)
+
+
+def randomized_hadamard(x: np.ndarray, permutation: np.ndarray, head_signs: np.ndarray,
+                        tail_signs: np.ndarray | None, inverse: bool) -> np.ndarray:
+    """`latkv.rotations.RandomizedHadamard` in one pass over each row, numba CPU kernel.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape (..., dim), float32
+        Input rows (other layouts and dtypes are copied to float32 first). Not modified.
+    permutation : numpy.ndarray, shape (dim,), int
+        The coordinate permutation (ignored when ``tail_signs`` is None).
+    head_signs, tail_signs : numpy.ndarray, shape (p,), float32, or None for ``tail_signs``
+        Signs of the stage on ``[:p]`` and on ``[dim - p:]``; ``p`` a power of two.
+    inverse : bool
+        Undo the forward map.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., dim), float32
+        Agrees with `latkv.rotations.randomized_hadamard_staged` to float32 rounding (the
+        same operations in the same order).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    dim = x.shape[-1]
+    head_signs = np.ascontiguousarray(head_signs, dtype=np.float32)
+    p = head_signs.shape[0]
+    if p < 1 or p & (p - 1) or p > dim:
+        raise ValueError(f"head_signs must have a power-of-two length <= dim ({dim}), got {p}")
+    if tail_signs is None:
+        if p != dim:
+            raise ValueError(f"tail_signs is needed when dim ({dim}) is not a power of two")
+        tail_signs, permutation = _NO_SIGNS, np.arange(dim)
+    tail_signs = np.ascontiguousarray(tail_signs, dtype=np.float32)
+    permutation = np.ascontiguousarray(permutation, dtype=np.int64)
+    if tail_signs.size and tail_signs.shape != (p,):
+        raise ValueError(f"tail_signs must have shape ({p},), got {tail_signs.shape}")
+    if permutation.shape != (dim,) or not np.array_equal(np.sort(permutation), np.arange(dim)):
+        raise ValueError(f"permutation must be a permutation of range({dim})")
+    y = np.empty_like(x)
+    if x.size == 0:
+        return y
+    scale = np.float32(1.0 / np.sqrt(p))
+    _randomized_hadamard_rows(x.reshape(-1, dim), y.reshape(-1, dim), permutation, head_signs,
+                              tail_signs, bool(inverse), scale)
+    return y

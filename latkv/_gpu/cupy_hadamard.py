@@ -87,3 +87,12 @@ def hadamard_segment(x: Any, start: int, size: int, signs: Any, inverse: bool) -
         shared_mem=0,
     )
     return y
+
+
+def randomized_hadamard(x: Any, permutation: Any, head_signs: Any, tail_signs: Any,
+                        inverse: bool) -> Any:
+    """`latkv.rotations.randomized_hadamard_staged` with this module's `hadamard_segment`."""
+    from latkv.rotations import randomized_hadamard_staged
+
+    return randomized_hadamard_staged(x, permutation, head_signs, tail_signs, inverse,
+                                      stage=hadamard_segment)

@@ -182,3 +182,12 @@ def hadamard_segment(x: Any, start: int, size: int, signs: Any, inverse: bool) -
     device_signs = cuda.to_device(signs)
     kernel[blocks, THREADS_PER_BLOCK](device_x, device_y, device_signs, *arguments)
     return device_y.copy_to_host().reshape(shape)
+
+
+def randomized_hadamard(x: Any, permutation: Any, head_signs: Any, tail_signs: Any,
+                        inverse: bool) -> Any:
+    """`latkv.rotations.randomized_hadamard_staged` with this module's `hadamard_segment`."""
+    from latkv.rotations import randomized_hadamard_staged
+
+    return randomized_hadamard_staged(x, permutation, head_signs, tail_signs, inverse,
+                                      stage=hadamard_segment)
