@@ -27,3 +27,9 @@ def source(file_name: str) -> str:
     if file_name not in KERNELS:
         raise ValueError(f"unknown CUDA source {file_name!r}; known: {sorted(KERNELS)}")
     return resources.files("latkv.cuda_kernels").joinpath(file_name).read_text()
+
+
+def source_files() -> list[str]:
+    """Names of the ``.cu`` files shipped in ``cuda_kernels/``."""
+    return sorted(p.name for p in resources.files("latkv.cuda_kernels").iterdir()
+                  if p.name.endswith(".cu"))

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from latkv._gpu.cuda_sources import COMPILE_OPTIONS, KERNELS, source
+from latkv._gpu.cuda_sources import COMPILE_OPTIONS, KERNELS, source, source_files
 
 ARCHITECTURES = ("sm_80", "sm_90")
 
@@ -24,7 +24,14 @@ class CompileError(RuntimeError):
 
 
 def compile_cubin(file_name: str, arch: str) -> bytes:
-    """Compile ``cuda_kernels/<file_name>`` for ``arch`` and return the cubin bytes."""
+    """Compile ``cuda_kernels/<file_name>`` for ``arch`` and return the cubin bytes.
+
+    Raises `CompileError` for a source that is not listed, cannot be read or does not compile.
+    """
+    try:
+        text = source(file_name)
+    except (OSError, ValueError) as error:
+        raise CompileError(f"{file_name} ({arch}): cannot read the source: {error}") from None
     from cuda.bindings import nvrtc
 
     def check(result: tuple, what: str, program: object | None = None) -> tuple:
@@ -40,7 +47,7 @@ def compile_cubin(file_name: str, arch: str) -> bytes:
         return tuple(rest)
 
     (program,) = check(
-        nvrtc.nvrtcCreateProgram(source(file_name).encode(), file_name.encode(), 0, [], []),
+        nvrtc.nvrtcCreateProgram(text.encode(), file_name.encode(), 0, [], []),
         "nvrtcCreateProgram",
     )
     try:
@@ -68,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the cubins here")
     args = parser.parse_args(argv)
     failures = 0
+    unlisted = sorted(set(source_files()) - set(KERNELS))
+    for file_name in unlisted:
+        print(f"{file_name}: not listed in latkv._gpu.cuda_sources.KERNELS, so never compiled",
+              file=sys.stderr)
+        failures += 1
     for file_name in sorted(KERNELS):
         for arch in args.arch:
             try:
