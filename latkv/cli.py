@@ -59,8 +59,6 @@ COLUMNS = (
 
 
 def command_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from latkv.compare import compare, default_specs, expand_specs, load_kv
@@ -80,9 +78,7 @@ def command_compare(args: argparse.Namespace) -> int:
     bits = [int(b) for b in args.bits.split(",")]
     specs = args.methods.split(";") if args.methods else default_specs()
     total = len(expand_specs(specs, bits))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console,
-                  disable=args.quiet, transient=True) as progress:
+    with _progress(console, args.quiet) as progress:
         task = progress.add_task("compare", total=total)
 
         def advance(spec: str) -> None:
