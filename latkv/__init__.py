@@ -10,7 +10,9 @@ from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
 from latkv.registry import METHODS, quantizer, quantizer_for
 from latkv.rotations import Hadamard, RandomizedHadamard, RandomOrthogonal
+from latkv.qjl import QJL
 from latkv.scalar import ScalarQuant
+from latkv.turbo import TurboQuant
 
 __version__ = "0.1.0"
 
@@ -18,10 +20,12 @@ __all__ = [
     "METHODS",
     "Codes",
     "Hadamard",
+    "QJL",
     "Quantizer",
     "RandomOrthogonal",
     "RandomizedHadamard",
     "ScalarQuant",
+    "TurboQuant",
     "load",
     "pack_bits",
     "packed_length",

@@ -115,8 +115,18 @@ def expand_specs(specs: Iterable[str], bits: Iterable[int]) -> list[str]:
     return expanded
 
 
+def instantiate(spec: str, dim: int) -> str:
+    """Fill the placeholders ``{dim}``, ``{2dim}``, ``{dim/2}`` of a template (``"qjl:{2dim}"``)."""
+    return (spec.replace("{2dim}", str(2 * dim)).replace("{dim/2}", str(dim // 2))
+            .replace("{dim}", str(dim)))
+
+
 def default_specs() -> list[str]:
-    """One spec template per registered method variant (each class's ``compare_specs``)."""
+    """One spec template per registered method variant (each class's ``compare_specs``).
+
+    Templates may hold ``{dim}``, ``{2dim}`` or ``{dim/2}`` (`instantiate`): QJL's sketch sizes are
+    relative to the head dimension of the data.
+    """
     specs = [FP16]
     for cls in METHODS.values():
         specs.extend(getattr(cls, "compare_specs", (cls.name,)))
@@ -196,6 +206,7 @@ def compare(specs: Iterable[str], data: dict[str, np.ndarray], *, bits: Iterable
     dim = data[f"k_L{layers[0]}"].shape[-1]
     rows = []
     for spec in expand_specs(specs, bits):
+        spec = instantiate(spec, dim)
         if progress is not None:
             progress(spec)
         if spec == FP16:

@@ -58,7 +58,7 @@ def _parse_value(text: str) -> Any:
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered == "none":
+    if text == "None":  # as format_spec writes it; "none" stays a string (scale=none)
         return None
     for kind in (int, float):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,9 +20,14 @@ def test_compare_json_rows(tmp_path):
     rows = {row["method"]: row for row in document["rows"]}
     assert "fp16" in rows and "scalar:4" in rows and "scalar:2,axis=channel" in rows
     assert rows["scalar:4"]["bits_per_coordinate"] == 4 + 32 / 32
-    # the measured bytes agree with the exact figure (64 tokens: full channel groups)
+    # the measured bytes agree with the exact figure (the sample's 160-token chunks hold full
+    # channel groups); per-sequence statistics and outlier indices, counted over a 128-token
+    # prefill, are amortised over all 160 tokens, so they cost less than the nominal figure
     for row in document["rows"]:
-        assert row["measured_bits_per_coordinate"] == row["bits_per_coordinate"]
+        if re.search(r"center=True|outlier_channels=[1-9]|outliers=[1-9]", row["spec"]):
+            assert row["measured_bits_per_coordinate"] < row["bits_per_coordinate"]
+        else:
+            assert row["measured_bits_per_coordinate"] == row["bits_per_coordinate"]
     # more bits, less error; fp16 is nearly exact
     assert rows["scalar:4"]["attention_error"] < rows["scalar:2"]["attention_error"]
     assert rows["fp16"]["attention_error"] < 1e-2

@@ -1,0 +1,222 @@
+"""Lloyd-Max scalar codebooks for known coordinate laws, computed with scipy and cached.
+
+Lloyd-Max (Lloyd 1982, Max 1960) finds the ``L`` reconstruction points ``c_1 < ... < c_L``
+minimising ``E[(t - c(t))^2]`` for a density ``f``: alternately set each boundary to the
+midpoint of its neighbours, ``b_i = (c_i + c_{i+1}) / 2``, and each point to the conditional
+mean of its cell, ``c_i = E[t | b_{i-1} < t <= b_i]``, until nothing moves. For log-concave
+densities (all laws here) the fixed point is unique and the iteration converges to it.
+
+The law of one coordinate of a uniformly random unit vector in ``R^d`` (TurboQuant, Zandieh et
+al. 2025, arXiv 2504.19874, Lemma 1) has density ``f_d(t) = (1 - t^2)^((d-3)/2) / B(1/2,
+(d-1)/2)`` on ``[-1, 1]``: ``t = 2B - 1`` with ``B ~ Beta((d-1)/2, (d-1)/2)``. Its cell
+probabilities are regularised incomplete beta functions and its partial first moment has a
+closed form, ``int t f_d(t) dt = -(1 - t^2)^((d-1)/2) / ((d-1) B(1/2, (d-1)/2))``, so the
+iteration needs no numerical integration and converges to float64 precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+from scipy import special
+
+from latkv.checks import check_bits, check_int
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """A scalar codebook: ``2**bits`` sorted centroids and the ``2**bits - 1`` boundaries.
+
+    Attributes
+    ----------
+    centroids : (2**bits,) float32
+        Reconstruction points, increasing.
+    boundaries : (2**bits - 1,) float32
+        Cell edges, the midpoints of neighbouring centroids. A value ``t`` gets the code
+        ``sum(boundaries < t)`` (``numpy.searchsorted(boundaries, t, side="left")``): a value
+        on a boundary goes to the lower cell.
+    distortion : float
+        ``E[(t - c(t))^2]`` per coordinate under the law the codebook was made for (float64,
+        computed with the float64 centroids).
+    """
+
+    centroids: np.ndarray
+    boundaries: np.ndarray
+    distortion: float
+
+    @property
+    def bits(self) -> int:
+        return int(self.centroids.shape[0]).bit_length() - 1
+
+
+def lloyd_max(density: Callable[[np.ndarray], np.ndarray],
+              cell_probability: Callable[[np.ndarray, np.ndarray], np.ndarray],
+              cell_moment: Callable[[np.ndarray, np.ndarray], np.ndarray],
+              second_moment: float, low: float, high: float, initial: np.ndarray,
+              tolerance: float = 1e-13, max_iterations: int = 200) -> tuple[np.ndarray, float]:
+    """Lloyd-Max fixed point on ``[low, high]``, solved by Newton's method on the boundaries.
+
+    The conditions ``b_i = (c_i + c_{i+1}) / 2`` with ``c_i = E[t | b_{i-1} < t <= b_i]``
+    are a tridiagonal system in the boundaries ``b``: ``dc_i/db_i = f(b_i) (b_i - c_i) / P_i``
+    and ``dc_i/db_{i-1} = f(b_{i-1}) (c_i - b_{i-1}) / P_i``. Plain Lloyd iteration converges
+    linearly at a rate ``1 - O(1/L^2)`` (hundreds of thousands of steps for 256 levels);
+    Newton from a good start converges in a handful. Steps are halved until the boundaries stay
+    increasing and the residual falls.
+
+    Parameters
+    ----------
+    density : callable
+        ``t -> f(t)`` (float64 arrays).
+    cell_probability, cell_moment : callable
+        ``(lower, upper) -> P(lower < t <= upper)`` and ``E[t; lower < t <= upper]`` for
+        arrays of cell edges.
+    second_moment : float
+        ``E[t^2]``, for the distortion ``E[t^2] - sum_i P_i c_i^2`` at the fixed point.
+    low, high : float
+        Support of the law.
+    initial : (levels,) float64
+        Increasing starting centroids.
+
+    Returns
+    -------
+    centroids : (levels,) float64
+    distortion : float
+    """
+    from scipy.linalg import solve_banded
+
+    initial = np.asarray(initial, dtype=np.float64)
+    if initial.ndim != 1 or initial.size < 2 or (np.diff(initial) <= 0).any():
+        raise ValueError("initial must hold at least 2 increasing values")
+    scale = high - low
+
+    def centroids_of(boundaries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        edges = np.concatenate([[low], boundaries, [high]])
+        probability = cell_probability(edges[:-1], edges[1:])
+        safe = np.where(probability > 0, probability, 1.0)
+        centroids = np.where(probability > 0, cell_moment(edges[:-1], edges[1:]) / safe,
+                             (edges[:-1] + edges[1:]) / 2)
+        return centroids, probability, safe
+
+    def residual(boundaries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        centroids, probability, safe = centroids_of(boundaries)
+        return boundaries - (centroids[:-1] + centroids[1:]) / 2, centroids, safe
+
+    boundaries = (initial[1:] + initial[:-1]) / 2
+    value, centroids, safe = residual(boundaries)
+    for _ in range(max_iterations):
+        error = float(np.abs(value).max())
+        if error <= tolerance * scale:
+            break
+        f = density(boundaries)
+        below = f * (boundaries - centroids[:-1]) / safe[:-1]   # dc_i / db_i (upper edge)
+        above = f * (centroids[1:] - boundaries) / safe[1:]     # dc_{i+1} / db_i (lower edge)
+        banded = np.zeros((3, boundaries.size))
+        banded[1] = 1 - (below + above) / 2                      # dF_i / db_i
+        banded[0, 1:] = -below[1:] / 2                           # dF_{i-1} / db_i
+        banded[2, :-1] = -above[:-1] / 2                         # dF_{i+1} / db_i
+        step = solve_banded((1, 1), banded, -value)
+        length = 1.0
+        while length > 1e-9:
+            trial = boundaries + length * step
+            if (np.diff(trial) > 0).all() and trial[0] > low and trial[-1] < high:
+                trial_value, trial_centroids, trial_safe = residual(trial)
+                if float(np.abs(trial_value).max()) < error:
+                    break
+            length /= 2
+        else:
+            # no step improves: float64 rounding of the cell integrals is the floor
+            if error <= 1e-9 * scale:
+                break
+            raise RuntimeError(f"Lloyd-Max stalled at residual {error:.3g}")  # pragma: no cover
+        boundaries, value, centroids, safe = trial, trial_value, trial_centroids, trial_safe
+    else:  # pragma: no cover - log-concave laws converge long before this
+        raise RuntimeError(f"Lloyd-Max did not converge in {max_iterations} Newton steps")
+    _, probability, _ = centroids_of(boundaries)
+    distortion = second_moment - float(np.sum(probability * centroids**2))
+    return centroids, distortion
+
+
+def sphere_coordinate_cdf(t: np.ndarray, dim: int) -> np.ndarray:
+    """``P(T <= t)`` for one coordinate ``T`` of a uniform unit vector in ``R^dim``."""
+    a = (dim - 1) / 2
+    return special.betainc(a, a, (1 + np.clip(t, -1.0, 1.0)) / 2)
+
+
+def sphere_coordinate_density(t: np.ndarray, dim: int) -> np.ndarray:
+    """``f_dim(t) = (1 - t^2)^((dim-3)/2) / B(1/2, (dim-1)/2)`` on ``[-1, 1]`` (Lemma 1)."""
+    t = np.asarray(t, dtype=np.float64)
+    inside = np.abs(t) < 1
+    value = np.exp((dim - 3) / 2 * np.log1p(-np.where(inside, t * t, 0.0))
+                   - special.betaln(0.5, (dim - 1) / 2))
+    return np.where(inside, value, 0.0)
+
+
+def _sphere_cell_probability(dim: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    a = (dim - 1) / 2
+
+    def probability(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        # upper tail via betaincc on the positive side: no cancellation in far cells
+        lo, up = (1 + lower) / 2, (1 + upper) / 2
+        left = special.betainc(a, a, up) - special.betainc(a, a, lo)
+        right = special.betaincc(a, a, lo) - special.betaincc(a, a, up)
+        return np.where(lower >= 0, right, left)
+
+    return probability
+
+
+def _sphere_cell_moment(dim: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    exponent = (dim - 1) / 2
+    log_norm = np.log(dim - 1) + special.betaln(0.5, (dim - 1) / 2)
+
+    def antiderivative(t: np.ndarray) -> np.ndarray:
+        inside = np.abs(t) < 1
+        one_minus = np.where(inside, 1 - t * t, 1.0)
+        return np.where(inside, -np.exp(exponent * np.log(one_minus) - log_norm), 0.0)
+
+    def moment(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        return antiderivative(upper) - antiderivative(lower)
+
+    return moment
+
+
+@lru_cache(maxsize=None)
+def sphere_codebook(dim: int, bits: int) -> Codebook:
+    """Lloyd-Max codebook for a coordinate of a uniform unit vector in ``R^dim`` (cached).
+
+    Parameters
+    ----------
+    dim : int
+        Dimension, >= 2.
+    bits : int
+        1..8; the codebook has ``2**bits`` centroids, symmetric about 0.
+
+    Returns
+    -------
+    Codebook
+        ``dim * codebook.distortion`` is the expected ``||x - x_hat||^2`` of a unit vector
+        quantized coordinate by coordinate after a uniformly random rotation.
+
+    Examples
+    --------
+    >>> from latkv.codebooks import sphere_codebook
+    >>> [round(128 * sphere_codebook(128, b).distortion, 4) for b in (1, 2, 3, 4)]
+    [0.3609, 0.116, 0.034, 0.0093]
+    """
+    dim = check_int(dim, "dim", 2)
+    bits = check_bits(bits)
+    levels = 1 << bits
+    # start from the compander approximation (Panter-Dite): point density ~ f^(1/3), which is
+    # again a symmetric Beta law, (1 - t^2)^((dim-3)/6); Lloyd-Max then needs few iterations
+    quantiles = (np.arange(levels) + 0.5) / levels
+    a = (dim - 3) / 6 + 1
+    initial = 2 * special.betaincinv(a, a, quantiles) - 1
+    centroids, distortion = lloyd_max(
+        lambda t: sphere_coordinate_density(t, dim), _sphere_cell_probability(dim),
+        _sphere_cell_moment(dim), 1.0 / dim, -1.0, 1.0, initial)
+    centroids = (centroids - centroids[::-1]) / 2  # exact symmetry
+    boundaries = (centroids[1:] + centroids[:-1]) / 2
+    return Codebook(centroids.astype(np.float32), boundaries.astype(np.float32),
+                    float(distortion))
