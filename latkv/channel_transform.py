@@ -133,8 +133,9 @@ class ChannelTransform:
 
     def expanded(self, stats: dict[str, Any], tokens: int) -> tuple[Any, Any]:
         """float32 ``(mean, scale)`` broadcastable against ``(..., tokens, dim)``."""
-        any_stat = next(iter(stats.values()))
-        xp = array_module(any_stat)
+        if not stats:
+            return np.float32(0.0), np.float32(1.0)
+        xp = array_module(next(iter(stats.values())))
 
         def per_token(name: str, default: float) -> Any:
             if name not in stats:
