@@ -154,7 +154,9 @@ class ScalarQuant(Quantizer):
     #: re-encoding decoded vectors refits fp16 scales, so codes may move by one level
     idempotent = False
     #: rows of ``latkv compare``: per-token, per-channel, and KIVI (channel keys, token values)
-    compare_specs = ("scalar", "scalar,axis=channel", "scalar,axis=channel|scalar")
+    #: with groups of 32, and with KIVI's cheaper groups (128-token keys, 64-channel values)
+    compare_specs = ("scalar", "scalar,axis=channel", "scalar,axis=channel|scalar",
+                     "scalar,axis=channel,group=128|scalar,group=64")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))

@@ -326,11 +326,18 @@ class TurboQuant(ChannelSplitQuantizer):
         if self.mode == "prod" or self.needs_tokens:
             return None
         return False
+    #: rows of ``latkv compare``: mse, prod and EDEN forms with and without centring, the real
+    #: 2.5- and 3.5-bit channel splits, and K/V pairings against KIVI
     compare_specs = (
-        "turbo", "turbo,mode=prod", "turbo,scale=eden",
-        "turbo,center=True", "turbo,center=True,channel_scale=True",
-        "turbo:2,outlier_channels={dim/2},outlier_bits=3,center=True",
-        "turbo:3,outlier_channels={dim/2},outlier_bits=4,center=True",
+        "turbo", "turbo,center=True", "turbo,mode=prod", "turbo,mode=prod,center=True",
+        "turbo,scale=eden", "turbo,scale=eden,center=True",
+        *(f"turbo:{b},outlier_channels={{dim/2}},outlier_bits={b + 1}{options}"
+          for b in (2, 3)
+          for options in ("", ",center=True", ",mode=prod,center=True",
+                          ",scale=eden,center=True")),
+        "scalar,axis=channel,group=128|turbo",
+        "turbo,center=True|turbo",
+        "turbo,center=True,channel_scale=True|turbo",
     )
 
     def __post_init__(self) -> None:
