@@ -1,4 +1,4 @@
-"""The foundation benchmark runs on small inputs and every implementation passes its validator."""
+"""The benchmarks run on small inputs and every implementation passes its validator."""
 
 from __future__ import annotations
 
@@ -17,3 +17,21 @@ def test_foundation_benchmark_quick_run_validates(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     document = json.loads(out.read_text())
     assert document["benchmarks"], "no benchmark ran"
+
+
+def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
+    import latkv
+
+    out = tmp_path / "turbo_qjl.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_turbo_qjl.py"),
+                             "--quick", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert document["ok"] and len(document["benchmarks"]) == 15
+    for bench in document["benchmarks"]:
+        method = latkv.QJL if bench["name"].startswith("qjl") else latkv.TurboQuant
+        # the fast path is timed exactly where the quantizer lists it
+        assert bench["fast_backend"] == ("numba" if "numba" in method.backends else None)
+        roles = [e["role"] for e in bench["entries"]]
+        assert roles.count("implementation") == (bench["fast_backend"] is not None)
+        assert all(e["status"] == "ok" for e in bench["entries"])
