@@ -1,12 +1,11 @@
 """CPU fast path of QJL's sign-sketch scores: numba, parallel over blocks of keys.
 
-`sign_scores` computes ``<q, z>`` for every query and key of a head, ``z = 2 * bit - 1`` the
-packed sign bits, without unpacking all keys at once (`latkv.qjl.sign_scores_reference`
-unpacks them to a ``(B, n, rows)`` float32 matrix first). Each task decodes a block of keys
-into a small ``(rows, block)`` buffer of ``+-1`` and multiplies every query of its head with
-it, accumulating in float32 over the sketch rows in order, the loop over the keys of the block
-innermost (vectorised, no reassociation). The scores agree with the reference's float32 matrix
-product to float32 rounding. Small inputs run a serial clone of the kernel
+`sign_scores` computes ``<q, z>`` for every query and key of a head, ``z = 2 * bit - 1`` from
+the packed sign bits, without unpacking all keys at once (`latkv.qjl.sign_scores_reference`
+first expands them to a ``(B, n, rows)`` float32 matrix). Each key's bits are expanded into a
+``(rows,)`` buffer of ``+-1.0``, which is dotted with every query of its head in float32 (SIMD
+partial sums, `latkv._cpu.codebook._dot`); the scores agree with the reference's float32
+matrix product to float32 rounding. Small inputs run a serial clone of the kernel
 (`latkv._cpu.scalar._kernel`).
 """
 
@@ -15,35 +14,40 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from latkv._cpu.codebook import BLOCKS_PER_TASK, KEY_BLOCK, _block_scores
+from latkv._cpu.codebook import KEYS_PER_TASK, _dot
 from latkv._cpu.scalar import _kernel
+from latkv.checks import check_int
 from latkv.packing import packed_length
+
+
+@njit(cache=True)
+def _sign_block(q, packed, out, batch, start, stop):
+    """Keys ``start:stop`` of head ``batch`` of `_sign_scores` (one task): each key's bits
+    expanded into a ``(rows,)`` buffer of ``+-1.0``, dotted with every query of the head."""
+    rows = q.shape[2]
+    signs = np.empty(rows, np.float32)
+    queries = q[batch]
+    scores = out[batch]
+    for key in range(start, stop):
+        bits = packed[batch, key]
+        for j in range(rows):
+            bit = np.int32((bits[j >> 3] >> np.uint8(j & 7)) & np.uint8(1))
+            signs[j] = np.float32(2 * bit - 1)
+        for i in range(queries.shape[0]):
+            scores[i, key] = _dot(queries[i], signs)
 
 
 @njit(parallel=True, cache=True)
 def _sign_scores(q, packed, out):
-    """Kernel: ``out (B, m, n) = q (B, m, rows) @ (2 * unpack(packed (B, n, P)) - 1).T``."""
-    batches, m, rows = q.shape
+    """Kernel: ``out (B, m, n) = q (B, m, rows) @ (2 * unpack(packed (B, n, P)) - 1).T``,
+    one task per ``KEYS_PER_TASK`` keys of one head."""
+    batches = q.shape[0]
     n = packed.shape[1]
-    keys_per_task = BLOCKS_PER_TASK * KEY_BLOCK
-    tasks_per_batch = (n + keys_per_task - 1) // keys_per_task
+    tasks_per_batch = (n + KEYS_PER_TASK - 1) // KEYS_PER_TASK
     for task in prange(batches * tasks_per_batch):
         batch = task // tasks_per_batch
-        start = (task % tasks_per_batch) * keys_per_task
-        stop = min(n, start + keys_per_task)
-        signs = np.zeros((rows, KEY_BLOCK), np.float32)
-        queries = q[batch]
-        for first in range(start, stop, KEY_BLOCK):
-            width = min(KEY_BLOCK, stop - first)
-            for k in range(width):
-                key = packed[batch, first + k]
-                for j in range(rows):
-                    bit = (key[j >> 3] >> np.uint8(j & 7)) & np.uint8(1)
-                    signs[j, k] = np.float32(2 * np.int32(bit) - 1)
-            for k in range(width, KEY_BLOCK):
-                for j in range(rows):
-                    signs[j, k] = 0.0
-            _block_scores(queries, signs, batch, first, width, out)
+        start = (task % tasks_per_batch) * KEYS_PER_TASK
+        _sign_block(q, packed, out, batch, start, min(n, start + KEYS_PER_TASK))
 
 
 def sign_scores(q: np.ndarray, packed: np.ndarray, rows: int) -> np.ndarray:
@@ -67,7 +71,7 @@ def sign_scores(q: np.ndarray, packed: np.ndarray, rows: int) -> np.ndarray:
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
-    rows = int(rows)
+    rows = check_int(rows, "rows", 0)
     if q.ndim != 3 or packed.ndim != 3 or q.shape[0] != packed.shape[0] or q.shape[2] != rows:
         raise ValueError(f"q must be (B, m, {rows}) and packed (B, n, P) with the same B, got "
                          f"{q.shape} and {packed.shape}")
@@ -79,8 +83,5 @@ def sign_scores(q: np.ndarray, packed: np.ndarray, rows: int) -> np.ndarray:
     out = np.empty((batches, m, n), dtype=np.float32)
     if out.size == 0:
         return out
-    if rows == 0:
-        out[...] = 0
-        return out
-    _kernel(_sign_scores, batches * n * max(m, rows))(q, packed, out)
+    _kernel(_sign_scores, out.size * rows)(q, packed, out)
     return out
