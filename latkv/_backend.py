@@ -55,6 +55,25 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("randomized_hadamard", "numba"): "latkv._cpu.hadamard:randomized_hadamard",
     ("randomized_hadamard", "cupy"): "latkv._gpu.cupy_hadamard:randomized_hadamard",
     ("randomized_hadamard", "numba.cuda"): "latkv._gpu.numba_hadamard:randomized_hadamard",
+    # TurboQuant's codebook stage: codes of rotated / norm (fused divide, search, pack), the
+    # centroids of packed codes, and q @ centroids[codes].T from the packed codes
+    ("codebook_quantize", "numpy"): "latkv.turbo:codebook_quantize_reference",
+    ("codebook_quantize", "numba"): "latkv._cpu.codebook:codebook_quantize",
+    ("codebook_quantize", "cupy"): "latkv._gpu.cupy_codebook:codebook_quantize",
+    ("codebook_quantize", "numba.cuda"): "latkv._gpu.numba_codebook:codebook_quantize",
+    ("codebook_dequantize", "numpy"): "latkv.turbo:codebook_dequantize_reference",
+    ("codebook_dequantize", "numba"): "latkv._cpu.codebook:codebook_dequantize",
+    ("codebook_dequantize", "cupy"): "latkv._gpu.cupy_codebook:codebook_dequantize",
+    ("codebook_dequantize", "numba.cuda"): "latkv._gpu.numba_codebook:codebook_dequantize",
+    ("codebook_scores", "numpy"): "latkv.turbo:codebook_scores_reference",
+    ("codebook_scores", "numba"): "latkv._cpu.codebook:codebook_scores",
+    ("codebook_scores", "cupy"): "latkv._gpu.cupy_codebook:codebook_scores",
+    ("codebook_scores", "numba.cuda"): "latkv._gpu.numba_codebook:codebook_scores",
+    # QJL: <q, 2 bits - 1> from packed sign bits
+    ("sign_scores", "numpy"): "latkv.qjl:sign_scores_reference",
+    ("sign_scores", "numba"): "latkv._cpu.sign_sketch:sign_scores",
+    ("sign_scores", "cupy"): "latkv._gpu.cupy_codebook:sign_scores",
+    ("sign_scores", "numba.cuda"): "latkv._gpu.numba_codebook:sign_scores",
 }
 
 _loaded: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from latkv._backend import array_module
+from latkv._backend import array_module, implementation
 from latkv.channel_split import ChannelSplitQuantizer
 from latkv.checks import check_choice, check_int
 from latkv.packing import pack_bits, packed_length, unpack_bits
@@ -88,13 +88,15 @@ def sign_bits(y: Any, sketch: Any) -> Any:
     """
     xp = array_module(y)
     projection = y.astype(xp.float64) @ sketch.T
-    return pack_bits((projection >= 0).astype(xp.uint8), 1, backend="numpy", check=False)
+    return pack_bits((projection >= 0).astype(xp.uint8), 1,
+                     backend="numpy" if xp is np else None, check=False)
 
 
 def signs_from_bits(packed: Any, rows: int) -> Any:
     """``(..., ceil(m/8))`` uint8 -> ``(..., m)`` float32 of ``+-1``."""
     xp = array_module(packed)
-    bits = unpack_bits(packed, 1, rows, backend="numpy").astype(xp.float32)
+    bits = unpack_bits(packed, 1, rows, backend="numpy" if xp is np else None)
+    bits = bits.astype(xp.float32)
     return 2 * bits - 1
 
 
@@ -153,13 +155,13 @@ class SignSketch:
         return (coefficient[..., None] * (z @ self.device_sketch(xp))).astype(xp.float32)
 
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
-        from latkv.turbo import batched, kernel
+        from latkv.turbo import batched
 
         xp = array_module(q)
         # QJL Lemma 3: sqrt(pi/2)/m * ||k|| * <S q, z>
         sq = sketched_query(q, self.device_sketch(xp))                    # (..., m_q, rows)
         q3, signs3, heads = batched(sq, arrays["signs"])
-        dots = kernel("sign_scores", backend)(q3, signs3, self.rows)
+        dots = implementation("sign_scores", backend)(q3, signs3, self.rows)
         coefficient = (QJL_SCALE / self.rows) * arrays["norm"].astype(xp.float32)
         return dots.reshape(*heads, *dots.shape[-2:]) * coefficient[..., None, :]
 
@@ -226,7 +228,7 @@ class QJL(ChannelSplitQuantizer):
     stats_tokens: int = 128
     local_stats: bool = False
 
-    backends = ("numpy",)
+    backends = ("numpy", "numba", "cupy", "numba.cuda")
     #: decoded vectors are estimates, not grid points: re-encoding one draws a new estimate
     idempotent = None
     compare_specs = ("qjl:{dim}", "qjl:{2dim}", "qjl:{2dim},center=True")

@@ -78,12 +78,13 @@ def codebook_quantize_reference(rotated: Any, norm: Any, boundaries: Any, bits: 
     safe = xp.where(norm > 0, norm, xp.float32(1)).astype(xp.float32)
     u = rotated / safe[:, None]
     codes = xp.searchsorted(boundaries, u, side="left").astype(xp.uint8)
-    return pack_bits(codes, bits, backend="numpy", check=False)
+    return pack_bits(codes, bits, backend="numpy" if xp is np else None, check=False)
 
 
 def codebook_dequantize_reference(packed: Any, centroids: Any, bits: int, dim: int) -> Any:
     """``centroids[codes]`` : (n, dim) float32 from packed codes ``(n, ceil(dim*bits/8))``."""
-    return centroids[unpack_bits(packed, bits, dim, backend="numpy")]
+    xp = array_module(packed)
+    return centroids[unpack_bits(packed, bits, dim, backend="numpy" if xp is np else None)]
 
 
 def codebook_scores_reference(q: Any, packed: Any, centroids: Any, bits: int, dim: int) -> Any:
@@ -107,19 +108,6 @@ def batched(q: Any, per_key: Any) -> tuple[Any, Any, tuple[int, ...]]:
     k3 = xp.ascontiguousarray(xp.broadcast_to(per_key, (*heads, *per_key.shape[-2:])).reshape(
         -1, *per_key.shape[-2:]))
     return q3, k3, heads
-
-
-def kernel(operation: str, backend: str) -> Any:
-    """The ``backend`` implementation of a TurboQuant/QJL kernel operation."""
-    if backend == "numpy":
-        return globals().get(f"{operation}_reference") or _qjl_reference(operation)
-    return implementation(operation, backend)
-
-
-def _qjl_reference(operation: str) -> Any:
-    from latkv import qjl
-
-    return getattr(qjl, f"{operation}_reference")
 
 
 @dataclass(frozen=True)
@@ -179,7 +167,7 @@ class TurboStage:
         if not self.mse_bits:
             return xp.zeros((*lead, self.dim), dtype=xp.float32)
         packed = arrays["packed"]
-        flat = kernel("codebook_dequantize", backend)(
+        flat = implementation("codebook_dequantize", backend)(
             xp.ascontiguousarray(packed.reshape(-1, packed.shape[-1])),
             self._device(self.codebook.centroids, xp), self.mse_bits, self.dim)
         return flat.reshape(*lead, self.dim)
@@ -192,7 +180,7 @@ class TurboStage:
         arrays: dict[str, Any] = {}
         u_hat = None
         if self.mse_bits:                                          # Algorithm 1, lines 5-6
-            packed = kernel("codebook_quantize", backend)(
+            packed = implementation("codebook_quantize", backend)(
                 xp.ascontiguousarray(rotated.reshape(-1, self.dim)),
                 norm.astype(xp.float32).reshape(-1),
                 self._device(self.codebook.boundaries, xp), self.mse_bits)
@@ -241,13 +229,13 @@ class TurboStage:
         result = 0  # a 0-bit mse stage (prod with bits=1): the QJL term alone
         if self.mse_bits:
             q3, packed3, heads = batched(rotated_q, arrays["packed"])
-            result = kernel("codebook_scores", backend)(
+            result = implementation("codebook_scores", backend)(
                 q3, packed3, self._device(self.codebook.centroids, xp), self.mse_bits, self.dim)
             result = result.reshape(*heads, *result.shape[-2:])
         if self.mode == "prod":
             sq = sketched_query(rotated_q, self._device(self.sketch, xp))
             q3, signs3, heads = batched(sq, arrays["signs"])
-            qjl = kernel("sign_scores", backend)(q3, signs3, self.dim)
+            qjl = implementation("sign_scores", backend)(q3, signs3, self.dim)
             gamma = arrays["residual_norm"].astype(xp.float32)[..., None, :]
             result = result + (QJL_SCALE / self.dim) * gamma * qjl.reshape(
                 *heads, *qjl.shape[-2:])
@@ -316,7 +304,7 @@ class TurboQuant(ChannelSplitQuantizer):
     stats_tokens: int = 128
     local_stats: bool = False
 
-    backends = ("numpy",)
+    backends = ("numpy", "numba", "cupy", "numba.cuda")
 
     @property
     def idempotent(self) -> bool | None:

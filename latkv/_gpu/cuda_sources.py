@@ -17,6 +17,11 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "pack_bits.cu": tuple(f"pack_bits<{b}>" for b in range(1, 9))
     + tuple(f"unpack_bits<{b}>" for b in range(1, 9)),
     "hadamard.cu": tuple(f"hadamard_segment<{k}>" for k in range(0, MAX_LOG_SIZE + 1)),
+    "codebook.cu": tuple(f"{kernel}<{b}>"
+                         for kernel in ("codebook_quantize", "codebook_dequantize",
+                                        "codebook_scores")
+                         for b in range(1, 9)),
+    "sign_sketch.cu": ("sign_scores",),
 }
 
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
