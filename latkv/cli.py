@@ -49,6 +49,7 @@ def _format(value: Any, digits: int = 4) -> str:
 COLUMNS = (
     ("method", "method", None),
     ("bits/coord", "bits_per_coordinate", 5),
+    ("stored", "measured_bits_per_coordinate", 4),
     ("K rel MSE", "key_relative_mse", 3),
     ("V rel MSE", "value_relative_mse", 3),
     ("logit err", "logit_error", 3),

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from latkv._cpu import codebook as kernels
-from latkv._cpu import scalar
+from latkv._cpu import serial
 from latkv._cpu import sign_sketch
 from latkv._cpu.codebook import codebook_dequantize, codebook_quantize, codebook_scores
 from latkv._cpu.sign_sketch import sign_scores
@@ -233,7 +233,7 @@ def test_sign_scores_property(rows, batches, m, n, seed):
 
 def test_parallel_kernels_on_inputs_above_the_serial_threshold():
     rng = np.random.default_rng(11)
-    rows = scalar.SERIAL_BELOW // 64 + 3
+    rows = serial.SERIAL_BELOW // 64 + 3
     for bits, kind in ((3, "sphere"), (8, "sphere"), (8, "clustered")):
         check_quantize(rng, rows, 64, bits, kind)
     _, centroids = make_codebook("sphere", 64, 4)
@@ -247,10 +247,10 @@ def test_parallel_kernels_on_inputs_above_the_serial_threshold():
 def test_small_inputs_use_serial_clones_with_their_own_cache_entries():
     for kernel in (kernels._quantize_rows, kernels._dequantize_rows, kernels._codebook_scores,
                    sign_sketch._sign_scores):
-        serial = scalar._kernel(kernel, 1)
-        assert scalar._kernel(kernel, scalar.SERIAL_BELOW) is kernel
-        assert kernel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
-        assert serial.py_func.__qualname__ != kernel.py_func.__qualname__
+        clone = serial.kernel_for(kernel, 1)
+        assert serial.kernel_for(kernel, serial.SERIAL_BELOW) is kernel
+        assert kernel.targetoptions.get("parallel") and not clone.targetoptions.get("parallel")
+        assert clone.py_func.__qualname__ != kernel.py_func.__qualname__
 
 
 def test_dequantize_keeps_leading_axes_and_empty_inputs():

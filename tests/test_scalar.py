@@ -63,13 +63,15 @@ def test_ranges_beyond_float16_are_refused(backend, axis):
 def test_small_inputs_use_serial_kernels_with_their_own_cache_entries():
     # numba names cache entries after the function's qualified name: a serial clone under the
     # same name was loaded for the parallel kernel too, silently running it on one thread
+    from latkv._cpu import hadamard, serial
     from latkv._cpu import scalar as kernels
 
-    for kernel in (kernels._encode_token, kernels._encode_channel, kernels._unpack_dequantize):
-        serial = kernels._kernel(kernel, 1)
-        assert kernels._kernel(kernel, kernels.SERIAL_BELOW) is kernel
-        assert kernel.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
-        assert serial.py_func.__qualname__ != kernel.py_func.__qualname__
+    for kernel in (kernels._encode_token, kernels._encode_channel, kernels._unpack_dequantize,
+                   hadamard._randomized_hadamard_rows, hadamard._hadamard_segment_rows):
+        clone = serial.kernel_for(kernel, 1)
+        assert serial.kernel_for(kernel, serial.SERIAL_BELOW) is kernel
+        assert kernel.targetoptions.get("parallel") and not clone.targetoptions.get("parallel")
+        assert clone.py_func.__qualname__ != kernel.py_func.__qualname__
 
 
 def test_group_range_is_covered_by_the_grid():

@@ -11,7 +11,7 @@ of eight codes as one word and looks up the centroids: exactly the reference's v
 `codebook_scores` never decodes all keys at once: each key is decoded into a ``(dim,)``
 buffer of centroid values and dotted with every query of its head in float32 (SIMD partial
 sums), so its scores agree with the reference's float32 matrix product to float32 rounding.
-Small inputs run serial clones of the kernels (`latkv._cpu.scalar._kernel`).
+Small inputs run serial clones of the kernels (`latkv._cpu.serial.kernel_for`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from latkv._cpu.scalar import _kernel, _pack_row
+from latkv._cpu.scalar import _pack_row
+from latkv._cpu.serial import kernel_for
 from latkv.checks import check_bits, check_int
 from latkv.packing import packed_length
 
@@ -247,7 +248,7 @@ def codebook_quantize(rotated: np.ndarray, norm: np.ndarray, boundaries: np.ndar
     # the reference's safe norm, in its dtypes: tested before the cast to float32
     safe_norm = np.where(norm > 0, norm, np.float32(1)).astype(np.float32)
     table, low, scale = _search_grid(boundaries)
-    _kernel(_quantize_rows, rotated.size)(rotated, safe_norm, boundaries, table, low, scale,
+    kernel_for(_quantize_rows, rotated.size)(rotated, safe_norm, boundaries, table, low, scale,
                                           bits, packed)
     return packed
 
@@ -295,7 +296,7 @@ def codebook_dequantize(packed: np.ndarray, centroids: np.ndarray, bits: int,
     out = np.empty((*packed.shape[:-1], dim), dtype=np.float32)
     if out.size == 0:
         return out
-    _kernel(_dequantize_rows, out.size)(packed.reshape(-1, packed.shape[-1]), centroids, bits,
+    kernel_for(_dequantize_rows, out.size)(packed.reshape(-1, packed.shape[-1]), centroids, bits,
                                         out.reshape(-1, dim))
     return out
 
@@ -336,5 +337,5 @@ def codebook_scores(q: np.ndarray, packed: np.ndarray, centroids: np.ndarray, bi
     out = np.empty((batches, m, n), dtype=np.float32)
     if out.size == 0:
         return out
-    _kernel(_codebook_scores, out.size * dim)(q, packed, centroids, bits, out)
+    kernel_for(_codebook_scores, out.size * dim)(q, packed, centroids, bits, out)
     return out

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, uint64
 
+from latkv._cpu.serial import kernel_for
+
 
 @njit(cache=True, inline="always")
 def _fwht_in_place(segment, size):
@@ -139,7 +141,7 @@ def hadamard_segment(
     if x.size == 0:
         return y
     scale = np.float32(1.0 / np.sqrt(size))
-    _hadamard_segment_rows(
+    kernel_for(_hadamard_segment_rows, x.size)(
         x.reshape(-1, dim), y.reshape(-1, dim), start, size, signs, bool(inverse), scale
     )
     return y
@@ -248,6 +250,7 @@ def randomized_hadamard(x: np.ndarray, permutation: np.ndarray, head_signs: np.n
     if x.size == 0:
         return y
     scale = np.float32(1.0 / np.sqrt(p))
-    _randomized_hadamard_rows(x.reshape(-1, dim), y.reshape(-1, dim), permutation, head_signs,
-                              tail_signs, bool(inverse), scale)
+    kernel_for(_randomized_hadamard_rows, x.size)(
+        x.reshape(-1, dim), y.reshape(-1, dim), permutation, head_signs, tail_signs,
+        bool(inverse), scale)
     return y

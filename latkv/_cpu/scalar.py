@@ -9,8 +9,6 @@ LSB-first. Codes, scales and zeros are bit-identical to the NumPy reference.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import njit, prange
 
@@ -21,6 +19,7 @@ from latkv._cpu.float16 import (
     round_down_float16,
     round_up_float16,
 )
+from latkv._cpu.serial import kernel_for
 from latkv.packing import packed_length
 
 #: kernel status bits, raised as the reference's errors by `encode`
@@ -191,35 +190,6 @@ def _unpack_dequantize(packed, scale, zero, side_row, side_column, bits, dim):
     return out
 
 
-# Small inputs run the same kernels compiled without threads: launching the parallel pool costs
-# more than the work below this many elements (and much more on a busy machine).
-SERIAL_BELOW = 1 << 16
-_serial = {}
-
-
-def _serial_clone(kernel):
-    """``kernel`` compiled without ``parallel``, under its own name.
-
-    numba names a function's on-disk cache entry after its qualified name and first line, so
-    a clone of the same Python function would share the parallel kernel's entry, and whichever
-    compiled first would be loaded for both (a single-threaded "parallel" kernel).
-    """
-    function = kernel.py_func
-    clone = types.FunctionType(function.__code__, function.__globals__,
-                               function.__name__ + "_serial", function.__defaults__,
-                               function.__closure__)
-    clone.__qualname__ = function.__qualname__ + "_serial"
-    return njit(cache=True)(clone)
-
-
-def _kernel(function, elements):
-    if elements >= SERIAL_BELOW:
-        return function
-    if function not in _serial:
-        _serial[function] = _serial_clone(function)
-    return _serial[function]
-
-
 def _side_indices(shape, group, axis):
     """Row -> side row and column -> side column maps for the flattened (rows, dim) view."""
     dim = shape[-1]
@@ -253,13 +223,13 @@ def encode(x, bits, group, axis):
     n_bytes = packed_length(dim, bits)
     if axis == "token":
         n_groups = -(-dim // group)
-        packed, scale, zero, status = _kernel(_encode_token, x.size)(
+        packed, scale, zero, status = kernel_for(_encode_token, x.size)(
             x.reshape(-1, dim), bits, group, n_groups, n_bytes)
         side_shape = (*shape[:-1], n_groups)
     else:
         tokens = shape[-2]
         n_groups = -(-tokens // group)
-        packed, scale, zero, status = _kernel(_encode_channel, x.size)(
+        packed, scale, zero, status = kernel_for(_encode_channel, x.size)(
             x.reshape(-1, tokens, dim), bits, group, n_groups, n_bytes)
         side_shape = (*shape[:-2], n_groups, dim)
     flags = int(np.bitwise_or.reduce(status)) if status.size else 0
@@ -276,6 +246,6 @@ def decode(packed, scale, zero, bits, dim, group, axis):
     shape = (*packed.shape[:-1], dim)
     side_row, side_column = _side_indices(shape, group, axis)
     packed2 = np.ascontiguousarray(packed).reshape(-1, packed.shape[-1])
-    out = _kernel(_unpack_dequantize, packed2.size * 8)(
+    out = kernel_for(_unpack_dequantize, packed2.size * 8)(
         packed2, _flat_sides(scale), _flat_sides(zero), side_row, side_column, bits, dim)
     return out.reshape(shape)

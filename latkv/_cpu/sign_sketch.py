@@ -6,7 +6,7 @@ first expands them to a ``(B, n, rows)`` float32 matrix). Each key's bits are ex
 ``(rows,)`` buffer of ``+-1.0``, which is dotted with every query of its head in float32 (SIMD
 partial sums, `latkv._cpu.codebook._dot`); the scores agree with the reference's float32
 matrix product to float32 rounding. Small inputs run a serial clone of the kernel
-(`latkv._cpu.scalar._kernel`).
+(`latkv._cpu.serial.kernel_for`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from latkv._cpu.codebook import KEYS_PER_TASK, _dot
-from latkv._cpu.scalar import _kernel
+from latkv._cpu.serial import kernel_for
 from latkv.checks import check_int
 from latkv.packing import packed_length
 
@@ -83,5 +83,5 @@ def sign_scores(q: np.ndarray, packed: np.ndarray, rows: int) -> np.ndarray:
     out = np.empty((batches, m, n), dtype=np.float32)
     if out.size == 0:
         return out
-    _kernel(_sign_scores, out.size * rows)(q, packed, out)
+    kernel_for(_sign_scores, out.size * rows)(q, packed, out)
     return out
