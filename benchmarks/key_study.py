@@ -35,6 +35,9 @@ KEY_SPECS = (
      "turbo:{b},center=True,channel_scale=True,local_stats=True,stats_tokens=32"),
     ("TurboQuant-prod, frozen centre", "turbo:{b},mode=prod,center=True"),
     ("QJL m = 2d, frozen centre", "qjl:{m},center=True"),
+    ("PolarQuant 4-2-2-2 (3.875 b)", "polar:4"),
+    ("PolarQuant 4-2-2-2, frozen centre", "polar:4,center=True"),
+    ("PolarQuant 4-3-3-3, frozen centre", "polar:4,level_bits=4-3-3-3,center=True"),
 )
 
 
@@ -76,6 +79,8 @@ def main() -> None:
     for bits in (int(b) for b in args.bits.split(",")):
         for label, template in KEY_SPECS:
             if template.startswith("qjl") and bits != 2:
+                continue
+            if template.startswith("polar") and bits != 4:  # fixed widths: listed once
                 continue
             spec = template.format(b=bits, m=2 * dim)
             row = {"bits": bits, "label": label, **key_errors(data, spec)}

@@ -48,9 +48,13 @@ class Quantizer:
             f.name: f.default for f in dataclasses.fields(self)
             if f.init and f.default is not dataclasses.MISSING
         }
-        options = [f"{k}={v}" for k, v in self.params.items()
+        from latkv.registry import format_value
+
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+        options = [f"{k}={format_value(v)}" for k, v in self.params.items()
                    if k not in ("dim", self.main_parameter) and defaults.get(k, object()) != v]
-        return ",".join([f"{self.name}:{getattr(self, self.main_parameter)}", *options])
+        main = format_value(self.params[self.main_parameter])
+        return ",".join([f"{self.name}:{main}", *options])
 
     @property
     def code_size(self) -> float:  # pragma: no cover - abstract

@@ -119,12 +119,19 @@ def quantizer(spec: str, dim: int | None = None, **overrides: Any) -> "Quantizer
         raise ValueError(f"spec {spec!r}: {error}") from None
 
 
+def format_value(value: Any) -> str:
+    """A parameter as spec text: sequences join with ``-`` (``level_bits=4-2-2-2``)."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(str(v) for v in value)
+    return str(value)
+
+
 def format_spec(name: str, params: Mapping[str, Any]) -> str:
     """The canonical spec string of a method and its parameters (inverse of `parse_spec`)."""
     cls = method_class(name)
     main = params.get(cls.main_parameter)
-    options = [f"{k}={v}" for k, v in params.items() if k != cls.main_parameter]
-    head = f"{name}:{main}" if main is not None else name
+    options = [f"{k}={format_value(v)}" for k, v in params.items() if k != cls.main_parameter]
+    head = f"{name}:{format_value(main)}" if main is not None else name
     return ",".join([head, *options])
 
 
