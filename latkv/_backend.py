@@ -69,6 +69,15 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("codebook_scores", "numba"): "latkv._cpu.codebook:codebook_scores",
     ("codebook_scores", "cupy"): "latkv._gpu.cupy_codebook:codebook_scores",
     ("codebook_scores", "numba.cuda"): "latkv._gpu.numba_codebook:codebook_scores",
+    # PolarQuant: codes of every level and block radii of rotated vectors, and back
+    ("polar_quantize", "numpy"): "latkv.polar:polar_quantize_reference",
+    ("polar_quantize", "numba"): "latkv._cpu.polar:polar_quantize",
+    ("polar_quantize", "cupy"): "latkv._gpu.cupy_polar:polar_quantize",
+    ("polar_quantize", "numba.cuda"): "latkv._gpu.numba_polar:polar_quantize",
+    ("polar_dequantize", "numpy"): "latkv.polar:polar_dequantize_reference",
+    ("polar_dequantize", "numba"): "latkv._cpu.polar:polar_dequantize",
+    ("polar_dequantize", "cupy"): "latkv._gpu.cupy_polar:polar_dequantize",
+    ("polar_dequantize", "numba.cuda"): "latkv._gpu.numba_polar:polar_dequantize",
     # QJL: <q, 2 bits - 1> from packed sign bits
     ("sign_scores", "numpy"): "latkv.qjl:sign_scores_reference",
     ("sign_scores", "numba"): "latkv._cpu.sign_sketch:sign_scores",

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from latkv._backend import array_module
+from latkv._backend import array_module, implementation
 from latkv.channel_split import ChannelSplitQuantizer
 from latkv.checks import check_bits, check_choice, check_int
 from latkv.codebooks import Codebook, polar_angle_codebook
@@ -66,6 +66,56 @@ def polar_blocks(angles: list[Any], radius: Any) -> Any:
     theta = angles[0]
     return xp.stack([r * xp.cos(theta), r * xp.sin(theta)], axis=-1).reshape(
         *theta.shape[:-1], -1)
+
+
+def polar_quantize_reference(rotated: Any, levels: int, level_bits: tuple[int, ...],
+                             boundaries: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """Codes of every level and the block radii of rotated vectors (the encode kernel).
+
+    Parameters
+    ----------
+    rotated : (n, d) float32
+        Preconditioned vectors; ``d`` a multiple of ``2^levels``.
+    levels : int
+    level_bits : tuple of int
+        Bits per angle at each level.
+    boundaries : tuple of (2**bits - 1,) float64
+        Increasing angle boundaries per level; a code is ``sum(boundaries < angle)``.
+
+    Returns
+    -------
+    packed : tuple of (n, ceil((d >> l) * b_l / 8)) uint8
+        Level ``l``'s codes in block order, packed as `latkv.pack_bits` does.
+    radius : (n, d >> levels) float64
+        Block norms.
+    """
+    xp = array_module(rotated)
+    n = rotated.shape[0]
+    blocks = rotated.astype(xp.float64).reshape(n, -1, 1 << levels)
+    angles, radius = polar_angles(blocks, levels)
+    packed = tuple(
+        pack_bits(xp.searchsorted(edges, angle, side="left").astype(xp.uint8).reshape(n, -1),
+                  bits, backend="numpy" if xp is np else None, check=False)
+        for angle, edges, bits in zip(angles, boundaries, level_bits))
+    return packed, radius
+
+
+def polar_dequantize_reference(packed: tuple[Any, ...], radius: Any, levels: int,
+                               level_bits: tuple[int, ...], centroids: tuple[Any, ...],
+                               dim: int) -> Any:
+    """The rotated-domain reconstruction ``(n, dim)`` float32 (the decode kernel).
+
+    ``packed`` and ``radius`` as `polar_quantize_reference` returns them (``radius`` float64
+    or the stored float16/float32), ``centroids`` the float64 angle centroids per level.
+    """
+    xp = array_module(radius)
+    radius = radius.astype(xp.float64)
+    n, blocks = radius.shape
+    angles = []
+    for level, (codes, bits, points) in enumerate(zip(packed, level_bits, centroids), start=1):
+        indices = unpack_bits(codes, bits, dim >> level, backend="numpy" if xp is np else None)
+        angles.append(points[indices].reshape(n, blocks, -1))
+    return polar_blocks(angles, radius).reshape(n, dim).astype(xp.float32)
 
 
 def _codebook_device(codebook: Codebook, xp: Any) -> tuple[Any, Any]:
@@ -118,45 +168,46 @@ class PolarStage:
         layout["radius"] = ((*lead, self.dim // self.block), self.radius_dtype)
         return layout
 
+    def _tables(self, xp: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        tables = [_codebook_device(codebook, xp) for codebook in self.codebooks]
+        return tuple(t[0] for t in tables), tuple(t[1] for t in tables)
+
     def encode(self, y: Any, backend: str) -> dict[str, Any]:
         xp = array_module(y)
         lead = y.shape[:-1]
         rotated = self.rotation.apply(y, backend=backend)          # preconditioning
-        blocks = rotated.astype(xp.float64).reshape(*lead, -1, self.block)
-        angles, radius = polar_angles(blocks, self.levels)
-        arrays = {}
-        for level, (angle, codebook) in enumerate(zip(angles, self.codebooks), start=1):
-            boundaries, _ = _codebook_device(codebook, xp)
-            codes = xp.searchsorted(boundaries, angle, side="left").astype(xp.uint8)
-            arrays[f"level{level}"] = pack_bits(codes.reshape(*lead, -1), codebook.bits,
-                                                backend="numpy" if xp is np else None,
-                                                check=False)
-        arrays["radius"] = to_norm_dtype(radius, self.radius_dtype, "block radius")
+        boundaries, _ = self._tables(xp)
+        packed, radius = implementation("polar_quantize", backend)(
+            xp.ascontiguousarray(rotated.reshape(-1, self.dim)), self.levels, self.level_bits,
+            boundaries)
+        arrays = {f"level{level}": codes.reshape(*lead, codes.shape[-1])
+                  for level, codes in enumerate(packed, start=1)}
+        arrays["radius"] = to_norm_dtype(radius.reshape(*lead, -1), self.radius_dtype,
+                                         "block radius")
         return arrays
 
-    def rotated_estimate(self, arrays: dict[str, Any]) -> Any:
+    def rotated_estimate(self, arrays: dict[str, Any], backend: str) -> Any:
         """The decoded vectors in the rotated domain, ``(..., dim)`` float32."""
         xp = array_module(arrays["radius"])
-        radius = arrays["radius"].astype(xp.float64)
+        radius = arrays["radius"]
         lead = radius.shape[:-1]
-        blocks = radius.shape[-1]
-        angles = []
-        for level, codebook in enumerate(self.codebooks, start=1):
-            _, centroids = _codebook_device(codebook, xp)
-            codes = unpack_bits(arrays[f"level{level}"], codebook.bits, self.angle_count(level),
-                                backend="numpy" if xp is np else None)
-            angles.append(centroids[codes].reshape(*lead, blocks, -1))
-        return polar_blocks(angles, radius).reshape(*lead, self.dim).astype(xp.float32)
+        _, centroids = self._tables(xp)
+        packed = tuple(xp.ascontiguousarray(arrays[f"level{level}"].reshape(
+            -1, arrays[f"level{level}"].shape[-1])) for level in range(1, self.levels + 1))
+        flat = implementation("polar_dequantize", backend)(
+            packed, xp.ascontiguousarray(radius.reshape(-1, radius.shape[-1])), self.levels,
+            self.level_bits, centroids, self.dim)
+        return flat.reshape(*lead, self.dim)
 
     def decode(self, arrays: dict[str, Any], backend: str) -> Any:
-        return self.rotation.inverse(self.rotated_estimate(arrays), backend=backend)
+        return self.rotation.inverse(self.rotated_estimate(arrays, backend), backend=backend)
 
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         # cheaper than decoding: rotate each query once and take inner products with the
         # reconstruction in the rotated domain, so no key is rotated back
         xp = array_module(q)
         rotated_q = self.rotation.apply(q, backend=backend)
-        estimate = self.rotated_estimate(arrays)
+        estimate = self.rotated_estimate(arrays, backend)
         return rotated_q @ xp.swapaxes(estimate, -1, -2)
 
 
@@ -230,7 +281,7 @@ class PolarQuant(ChannelSplitQuantizer):
     stats_tokens: int = 128
     local_stats: bool = False
 
-    backends = ("numpy",)
+    backends = ("numpy", "numba", "cupy", "numba.cuda")
     #: the default, two other bit allocations, and centred keys
     compare_specs = ("polar:4", "polar:4,center=True", "polar:4,level_bits=3-2-2-2",
                      "polar:4,level_bits=4-3-3-3,center=True", "polar:3,center=True")

@@ -43,14 +43,19 @@ class Quantizer:
 
     @property
     def label(self) -> str:
-        """Short spec for tables: the method, its main value and non-default options."""
-        defaults = {
-            f.name: f.default for f in dataclasses.fields(self)
-            if f.init and f.default is not dataclasses.MISSING
-        }
+        """Short spec for tables: the method, its main value and non-default options.
+
+        An option is a default when it equals the value the quantizer gets with only ``dim``
+        and the main value given (defaults that depend on the main value count as defaults).
+        """
         from latkv.registry import format_value
 
-        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+        main_value = getattr(self, self.main_parameter)
+        try:
+            defaults = type(self)(dim=self.dim, **{self.main_parameter: main_value}).params
+        except (TypeError, ValueError):  # the defaults are invalid for this dim
+            defaults = {f.name: f.default for f in dataclasses.fields(self)
+                        if f.init and f.default is not dataclasses.MISSING}
         options = [f"{k}={format_value(v)}" for k, v in self.params.items()
                    if k not in ("dim", self.main_parameter) and defaults.get(k, object()) != v]
         main = format_value(self.params[self.main_parameter])

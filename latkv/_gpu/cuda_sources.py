@@ -12,6 +12,8 @@ from importlib import resources
 
 # Largest Hadamard length the kernels instantiate: 2**MAX_LOG_SIZE.
 MAX_LOG_SIZE = 10
+# Deepest PolarQuant recursion the kernels instantiate: blocks of 2**MAX_POLAR_LEVELS.
+MAX_POLAR_LEVELS = 8
 
 KERNELS: dict[str, tuple[str, ...]] = {
     "pack_bits.cu": tuple(f"pack_bits<{b}>" for b in range(1, 9))
@@ -22,6 +24,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
                                         "codebook_scores")
                          for b in range(1, 9)),
     "sign_sketch.cu": ("sign_scores",),
+    "polar.cu": tuple(f"{kernel}<{levels}>"
+                      for kernel in ("polar_quantize", "polar_dequantize")
+                      for levels in range(1, MAX_POLAR_LEVELS + 1)),
 }
 
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
