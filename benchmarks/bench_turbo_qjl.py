@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""TurboQuant and QJL benchmarks: encode, decode and scores, against the NumPy reference,
-float16/BLAS baselines and Faiss's own TurboQuant codes.
+"""TurboQuant, QJL and PolarQuant benchmarks: encode, decode and scores, against the NumPy
+reference, float16/BLAS baselines and Faiss's own TurboQuant codes.
 
 The same runner as ``bench_foundation.py`` (imported from it, not copied): every benchmark
 names its input generator, its validator (the NumPy reference, ``backend="numpy"``, also
@@ -10,7 +10,9 @@ one benchmark are timed in interleaved rounds and compared as ratios of medians 
 row (see ``benchmarks/README.md``).
 
 Quantizers (dim 128): ``TurboQuant`` mse 2, 3, 4 bits and prod 3 bits (default
-``rotation="hadamard"``), ``QJL(sketch_dim=256)``.
+``rotation="hadamard"``), ``QJL(sketch_dim=256)``, ``PolarQuant()`` (levels 4, 4-2-2-2 bits;
+``python benchmarks/bench_turbo_qjl.py --filter polar --json benchmarks/results/polar.json``
+writes its figures on their own).
 
 * ``*_encode``: standard normal ``(rows, 128)`` float32 (100 000 rows; ``--quick`` 2048).
   Baselines ``x.astype(np.float16)`` and, where Faiss >= 1.15 is importable, Faiss's
@@ -266,6 +268,7 @@ def quantizers() -> list[tuple[str, Any, str | None]]:
            for label, options, faiss_type in TURBO_CONFIGS]
     out.append((f"qjl[sketch_dim={QJL_SKETCH}]",
                 latkv.QJL(dim=DIM, sketch_dim=QJL_SKETCH, seed=0), None))
+    out.append(("polar[4-2-2-2]", latkv.PolarQuant(dim=DIM, seed=0), None))
     return out
 
 
