@@ -27,7 +27,7 @@ def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
                              "--quick", "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     document = json.loads(out.read_text())
-    assert document["ok"] and len(document["benchmarks"]) == 15
+    assert document["ok"] and len(document["benchmarks"]) == 18
     for bench in document["benchmarks"]:
         method = latkv.QJL if bench["name"].startswith("qjl") else latkv.TurboQuant
         # the fast path is timed exactly where the quantizer lists it
