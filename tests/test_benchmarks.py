@@ -29,7 +29,8 @@ def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
     document = json.loads(out.read_text())
     assert document["ok"] and len(document["benchmarks"]) == 18
     for bench in document["benchmarks"]:
-        method = latkv.QJL if bench["name"].startswith("qjl") else latkv.TurboQuant
+        method = {"qjl": latkv.QJL, "polar": latkv.PolarQuant}.get(
+            bench["name"].split("[")[0], latkv.TurboQuant)
         # the fast path is timed exactly where the quantizer lists it
         assert bench["fast_backend"] == ("numba" if "numba" in method.backends else None)
         roles = [e["role"] for e in bench["entries"]]
