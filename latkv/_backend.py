@@ -78,6 +78,15 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("polar_dequantize", "numba"): "latkv._cpu.polar:polar_dequantize",
     ("polar_dequantize", "cupy"): "latkv._gpu.cupy_polar:polar_dequantize",
     ("polar_dequantize", "numba.cuda"): "latkv._gpu.numba_polar:polar_dequantize",
+    # E8 / D8 nearest lattice points of (n, 8) float32 rows (latkv.lattice tie rules)
+    ("nearest_e8", "numpy"): "latkv.lattice:nearest_e8_reference",
+    ("nearest_e8", "numba"): "latkv._cpu.lattice:nearest_e8",
+    ("nearest_e8", "cupy"): "latkv._gpu.cupy_lattice:nearest_e8",
+    ("nearest_e8", "numba.cuda"): "latkv._gpu.numba_lattice:nearest_e8",
+    ("nearest_d8", "numpy"): "latkv.lattice:nearest_d8_reference",
+    ("nearest_d8", "numba"): "latkv._cpu.lattice:nearest_d8",
+    ("nearest_d8", "cupy"): "latkv._gpu.cupy_lattice:nearest_d8",
+    ("nearest_d8", "numba.cuda"): "latkv._gpu.numba_lattice:nearest_d8",
     # QJL: <q, 2 bits - 1> from packed sign bits
     ("sign_scores", "numpy"): "latkv.qjl:sign_scores_reference",
     ("sign_scores", "numba"): "latkv._cpu.sign_sketch:sign_scores",

@@ -86,3 +86,12 @@ def test_bad_inputs():
         nearest_e8(np.full((1, 8), 3e6, np.float32))
     with pytest.raises(TypeError, match="float"):
         nearest_e8(np.zeros((1, 8), np.int32))
+
+
+def test_public_functions_dispatch_to_every_cpu_backend():
+    x = (np.random.default_rng(5).standard_normal((3, 50, 8)) * 2).astype(np.float32)
+    reference = nearest_e8(x, backend="numpy")
+    assert reference.shape == x.shape
+    for backend in ("numba", "numba.cuda"):
+        assert np.array_equal(nearest_e8(x, backend=backend), reference)
+        assert np.array_equal(nearest_d8(x, backend=backend), nearest_d8(x, backend="numpy"))

@@ -24,6 +24,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
                                         "codebook_scores")
                          for b in range(1, 9)),
     "sign_sketch.cu": ("sign_scores",),
+    "lattice.cu": ("nearest_d8", "nearest_e8"),
     "polar.cu": tuple(f"{kernel}<{levels}>"
                       for kernel in ("polar_quantize", "polar_dequantize")
                       for levels in range(1, MAX_POLAR_LEVELS + 1)),
