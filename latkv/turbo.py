@@ -30,7 +30,8 @@ Outlier channels (Sec. 4.3): ``outlier_channels=r`` splits each head's channels 
 of largest prefill energy, encoded at ``outlier_bits``, and the rest at ``bits``: two
 independent TurboQuant instances, each with its own rotation, codebook and norm.
 
-Numerics: the rotation is float32 (bit-identical on every backend); ``||x||`` is summed in
+Numerics: the randomized Hadamard rotation is float32 and bit-identical on every backend
+(``rotation="dense"`` is a BLAS matmul, whose rounding depends on the library); ``||x||`` is summed in
 float64; ``u = (R x) / ||x||`` is one float32 division; a code is the number of codebook
 boundaries strictly below ``u_j``. The prod sketch is applied in float64, as in `latkv.qjl`.
 """
