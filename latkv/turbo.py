@@ -31,8 +31,8 @@ of largest prefill energy, encoded at ``outlier_bits``, and the rest at ``bits``
 independent TurboQuant instances, each with its own rotation, codebook and norm.
 
 Numerics: the randomized Hadamard rotation is float32 and bit-identical on every backend
-(``rotation="dense"`` is a BLAS matmul, whose rounding depends on the library); ``||x||`` is summed in
-float64; ``u = (R x) / ||x||`` is one float32 division; a code is the number of codebook
+(``rotation="dense"`` is a BLAS matmul, whose rounding depends on the library); ``||x||`` is
+summed in float64; ``u = (R x) / ||x||`` is one float32 division; a code is the number of codebook
 boundaries strictly below ``u_j``. The prod sketch is applied in float64, as in `latkv.qjl`.
 """
 
