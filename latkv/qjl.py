@@ -74,7 +74,6 @@ def vector_norms(y: Any) -> Any:
 
 def to_norm_dtype(norms: Any, dtype: str, name: str = "norm") -> Any:
     """Round float64 norms to the stored dtype; refuse what float16 cannot hold."""
-    xp = array_module(norms)
     if dtype == "float16" and bool((norms > np.finfo(np.float16).max).any()):
         raise ValueError(f"a vector {name} exceeds the float16 range (65504); use "
                          "norm_dtype='float32' or scale the input")

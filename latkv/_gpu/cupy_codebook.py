@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from latkv._gpu.cupy_modules import kernel, launch_1d
+from latkv._gpu.kernel_arguments import check_bits, check_length, scores_shapes
+from latkv.packing import packed_length
 
 # Threads per block; one thread per (row, group of 8 codes) for quantize / dequantize.
 THREADS_PER_BLOCK = 256
@@ -26,22 +28,6 @@ THREADS_PER_BLOCK = 256
 KEYS_PER_BLOCK = 128
 # The kernels loop grid-stride, so any grid is correct; this caps the launch.
 MAX_BLOCKS = 2**31 - 1
-
-
-def _packed_length(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
-
-
-def _check_bits(bits: int) -> int:
-    bits = int(bits)
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1..8, got {bits}")
-    return bits
-
-
-def _check_length(array: Any, length: int, name: str) -> None:
-    if tuple(array.shape) != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {tuple(array.shape)}")
 
 
 def codebook_quantize(rotated: Any, norm: Any, boundaries: Any, bits: int) -> Any:
@@ -65,14 +51,14 @@ def codebook_quantize(rotated: Any, norm: Any, boundaries: Any, bits: int) -> An
     """
     import cupy
 
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     rotated = cupy.ascontiguousarray(rotated, dtype=cupy.float32)
     rows, dim = (int(s) for s in rotated.shape)
     norm = cupy.ascontiguousarray(norm, dtype=cupy.float32)
     boundaries = cupy.ascontiguousarray(boundaries, dtype=cupy.float32)
-    _check_length(norm, rows, "norm")
-    _check_length(boundaries, (1 << bits) - 1, "boundaries")
-    packed = cupy.empty((rows, _packed_length(dim, bits)), dtype=cupy.uint8)
+    check_length(norm, rows, "norm")
+    check_length(boundaries, (1 << bits) - 1, "boundaries")
+    packed = cupy.empty((rows, packed_length(dim, bits)), dtype=cupy.uint8)
     if packed.size == 0:
         return packed
     launch_1d(
@@ -104,14 +90,14 @@ def codebook_dequantize(packed: Any, centroids: Any, bits: int, dim: int) -> Any
     """
     import cupy
 
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     dim = int(dim)
     packed = cupy.ascontiguousarray(packed, dtype=cupy.uint8)
     centroids = cupy.ascontiguousarray(centroids, dtype=cupy.float32)
-    _check_length(centroids, 1 << bits, "centroids")
+    check_length(centroids, 1 << bits, "centroids")
     rows = int(packed.shape[0])
-    if packed.ndim != 2 or int(packed.shape[1]) != _packed_length(dim, bits):
-        raise ValueError(f"packed must have shape (n, {_packed_length(dim, bits)}) for dim "
+    if packed.ndim != 2 or int(packed.shape[1]) != packed_length(dim, bits):
+        raise ValueError(f"packed must have shape (n, {packed_length(dim, bits)}) for dim "
                          f"{dim} and {bits} bits, got {tuple(packed.shape)}")
     out = cupy.empty((rows, dim), dtype=cupy.float32)
     if out.size == 0:
@@ -123,19 +109,6 @@ def codebook_dequantize(packed: Any, centroids: Any, bits: int, dim: int) -> Any
         threads=THREADS_PER_BLOCK,
     )
     return out
-
-
-def _scores_shapes(q: Any, packed: Any, length: int, width: int) -> tuple[int, int, int]:
-    """``(batches, m, n)`` of ``q : (B, m, length)`` and ``packed : (B, n, width)``."""
-    if q.ndim != 3 or packed.ndim != 3:
-        raise ValueError(f"q and packed must be 3-D, got {tuple(q.shape)} and "
-                         f"{tuple(packed.shape)}")
-    batches, m, q_length = (int(s) for s in q.shape)
-    packed_batches, n, packed_width = (int(s) for s in packed.shape)
-    if q_length != length or packed_batches != batches or packed_width != width:
-        raise ValueError(f"q {tuple(q.shape)} and packed {tuple(packed.shape)} do not match: "
-                         f"expected (B, m, {length}) and (B, n, {width})")
-    return batches, m, n
 
 
 def _launch_scores(function: Any, batches: int, n: int, args: tuple) -> None:
@@ -164,13 +137,13 @@ def codebook_scores(q: Any, packed: Any, centroids: Any, bits: int, dim: int) ->
     """
     import cupy
 
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     dim = int(dim)
     q = cupy.ascontiguousarray(q, dtype=cupy.float32)
     packed = cupy.ascontiguousarray(packed, dtype=cupy.uint8)
     centroids = cupy.ascontiguousarray(centroids, dtype=cupy.float32)
-    _check_length(centroids, 1 << bits, "centroids")
-    batches, m, n = _scores_shapes(q, packed, dim, _packed_length(dim, bits))
+    check_length(centroids, 1 << bits, "centroids")
+    batches, m, n = scores_shapes(q, packed, dim, packed_length(dim, bits))
     out = cupy.empty((batches, m, n), dtype=cupy.float32)
     if out.size == 0:
         return out
@@ -203,7 +176,7 @@ def sign_scores(q: Any, packed: Any, rows: int) -> Any:
     rows = int(rows)
     q = cupy.ascontiguousarray(q, dtype=cupy.float32)
     packed = cupy.ascontiguousarray(packed, dtype=cupy.uint8)
-    batches, m, n = _scores_shapes(q, packed, rows, _packed_length(rows, 1))
+    batches, m, n = scores_shapes(q, packed, rows, packed_length(rows, 1))
     out = cupy.empty((batches, m, n), dtype=cupy.float32)
     if out.size == 0:
         return out

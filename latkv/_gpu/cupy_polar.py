@@ -26,15 +26,12 @@ import numpy as np
 
 from latkv._gpu.cuda_sources import MAX_POLAR_LEVELS
 from latkv._gpu.cupy_modules import kernel, launch_1d
+from latkv.packing import packed_length
 
 # Threads per block of both kernels.
 THREADS_PER_BLOCK = 128
 # The kernels loop grid-stride, so any grid is correct; this caps the launch.
 MAX_BLOCKS = 2**31 - 1
-
-
-def _packed_length(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
 
 
 def check_levels(levels: int, level_bits: Any) -> tuple[int, tuple[int, ...]]:
@@ -61,7 +58,7 @@ def pack_level_bits(level_bits: tuple[int, ...]) -> int:
 
 def level_lengths(dim: int, level_bits: tuple[int, ...]) -> list[int]:
     """Packed bytes per row of each level: ``ceil((dim >> l) * b_l / 8)``."""
-    return [_packed_length(dim >> level, bits)
+    return [packed_length(dim >> level, bits)
             for level, bits in enumerate(level_bits, start=1)]
 
 

@@ -37,11 +37,12 @@ import numpy as np
 # numba.cuda must be a module global: the CUDA simulator swaps the kernel's global ``cuda``.
 from numba import cuda, float32
 
-THREADS_PER_BLOCK = 128
+from latkv._gpu.kernel_arguments import check_bits, check_length, scores_shapes
+from latkv._gpu.numba_launch import DeviceArrays, grid_blocks
+from latkv.packing import packed_length
+
 # Shared-memory table of centroids / boundaries: 2**8 entries covers every width.
 MAX_LEVELS = 256
-# Grid-stride loops in every kernel: the grid is capped at this many blocks.
-MAX_BLOCKS = 65535
 
 
 @cuda.jit(device=True)
@@ -174,70 +175,6 @@ def _sign_scores_kernel(q, packed, out):
 # ---------------------------------------------------------------- host side
 
 
-def _packed_length(n: int, bits: int) -> int:
-    return (n * bits + 7) // 8
-
-
-def _check_bits(bits: int) -> int:
-    bits = int(bits)
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1..8, got {bits}")
-    return bits
-
-
-def _check_length(array: Any, length: int, name: str) -> None:
-    if tuple(array.shape) != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {tuple(array.shape)}")
-
-
-def _blocks(threads_needed: int) -> int:
-    return max(1, min(-(-threads_needed // THREADS_PER_BLOCK), MAX_BLOCKS))
-
-
-def _on_gpu(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
-
-
-class _Arrays:
-    """Inputs in one array module: NumPy (kernels get device copies) or CuPy (kernels get views).
-
-    ``put(x, dtype)`` converts an input to C-contiguous ``dtype`` in that module; ``run(kernel,
-    blocks, out_shape, out_dtype, *inputs, *scalars)`` allocates the output, launches
-    ``kernel[blocks, THREADS_PER_BLOCK](*inputs, output, *scalars)`` and returns the output in
-    the module of the first input.
-    """
-
-    def __init__(self, first: Any) -> None:
-        self.gpu = _on_gpu(first)
-        if self.gpu:
-            import cupy
-
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, x: Any, dtype: Any) -> Any:
-        return self.xp.ascontiguousarray(self.xp.asarray(x), dtype=dtype)
-
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self.xp.empty(shape, dtype=dtype)
-
-    def launch(self, kernel: Any, blocks: int, inputs: tuple, out: Any, scalars: tuple) -> Any:
-        if self.gpu:
-            import cupy
-
-            pointer = cupy.cuda.get_current_stream().ptr
-            stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
-            kernel[blocks, THREADS_PER_BLOCK, stream](
-                *(cuda.as_cuda_array(x) for x in inputs), cuda.as_cuda_array(out), *scalars)
-            return out
-        device_out = cuda.device_array(out.shape, dtype=out.dtype)
-        kernel[blocks, THREADS_PER_BLOCK](
-            *(cuda.to_device(x) for x in inputs), device_out, *scalars)
-        device_out.copy_to_host(out)
-        return out
-
-
 def codebook_quantize(rotated: Any, norm: Any, boundaries: Any, bits: int) -> Any:
     """Packed codes of ``u = rotated / norm`` against a scalar codebook (numba.cuda kernel).
 
@@ -257,19 +194,20 @@ def codebook_quantize(rotated: Any, norm: Any, boundaries: Any, bits: int) -> An
         NumPy for NumPy input (copied to the device and back), else CuPy. Byte-identical to
         `latkv.turbo.codebook_quantize_reference`.
     """
-    bits = _check_bits(bits)
-    arrays = _Arrays(rotated)
+    bits = check_bits(bits)
+    arrays = DeviceArrays(rotated)
     rotated = arrays.put(rotated, np.float32)
     rows, dim = (int(s) for s in rotated.shape)
     norm = arrays.put(norm, np.float32)
     boundaries = arrays.put(boundaries, np.float32)
-    _check_length(norm, rows, "norm")
-    _check_length(boundaries, (1 << bits) - 1, "boundaries")
-    packed = arrays.empty((rows, _packed_length(dim, bits)), np.uint8)
+    check_length(norm, rows, "norm")
+    check_length(boundaries, (1 << bits) - 1, "boundaries")
+    packed = arrays.empty((rows, packed_length(dim, bits)), np.uint8)
     if packed.size == 0:
         return packed
-    return arrays.launch(_quantize_kernel, _blocks(packed.size), (rotated, norm, boundaries),
-                         packed, (bits,))
+    arrays.launch(_quantize_kernel, grid_blocks(packed.size), (rotated, norm, boundaries),
+                  (packed,), (bits,))
+    return packed
 
 
 def codebook_dequantize(packed: Any, centroids: Any, bits: int, dim: int) -> Any:
@@ -291,33 +229,21 @@ def codebook_dequantize(packed: Any, centroids: Any, bits: int, dim: int) -> Any
         NumPy for NumPy input, else CuPy. Equal to
         `latkv.turbo.codebook_dequantize_reference`.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     dim = int(dim)
-    arrays = _Arrays(packed)
+    arrays = DeviceArrays(packed)
     packed = arrays.put(packed, np.uint8)
     centroids = arrays.put(centroids, np.float32)
-    _check_length(centroids, 1 << bits, "centroids")
-    if packed.ndim != 2 or int(packed.shape[1]) != _packed_length(dim, bits):
-        raise ValueError(f"packed must have shape (n, {_packed_length(dim, bits)}) for dim "
+    check_length(centroids, 1 << bits, "centroids")
+    if packed.ndim != 2 or int(packed.shape[1]) != packed_length(dim, bits):
+        raise ValueError(f"packed must have shape (n, {packed_length(dim, bits)}) for dim "
                          f"{dim} and {bits} bits, got {tuple(packed.shape)}")
     out = arrays.empty((int(packed.shape[0]), dim), np.float32)
     if out.size == 0:
         return out
-    return arrays.launch(_dequantize_kernel, _blocks(out.size), (packed, centroids), out,
-                         (bits,))
-
-
-def _scores_shapes(q: Any, packed: Any, length: int, width: int) -> tuple[int, int, int]:
-    """``(batches, m, n)`` of ``q : (B, m, length)`` and ``packed : (B, n, width)``."""
-    if q.ndim != 3 or packed.ndim != 3:
-        raise ValueError(f"q and packed must be 3-D, got {tuple(q.shape)} and "
-                         f"{tuple(packed.shape)}")
-    batches, m, q_length = (int(s) for s in q.shape)
-    packed_batches, n, packed_width = (int(s) for s in packed.shape)
-    if q_length != length or packed_batches != batches or packed_width != width:
-        raise ValueError(f"q {tuple(q.shape)} and packed {tuple(packed.shape)} do not match: "
-                         f"expected (B, m, {length}) and (B, n, {width})")
-    return batches, m, n
+    arrays.launch(_dequantize_kernel, grid_blocks(out.size), (packed, centroids), (out,),
+                  (bits,))
+    return out
 
 
 def codebook_scores(q: Any, packed: Any, centroids: Any, bits: int, dim: int) -> Any:
@@ -339,19 +265,20 @@ def codebook_scores(q: Any, packed: Any, centroids: Any, bits: int, dim: int) ->
         centroids[code[b, k, j]]`` in float32; equal to
         `latkv.turbo.codebook_scores_reference` up to rounding.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     dim = int(dim)
-    arrays = _Arrays(q)
+    arrays = DeviceArrays(q)
     q = arrays.put(q, np.float32)
     packed = arrays.put(packed, np.uint8)
     centroids = arrays.put(centroids, np.float32)
-    _check_length(centroids, 1 << bits, "centroids")
-    batches, m, n = _scores_shapes(q, packed, dim, _packed_length(dim, bits))
+    check_length(centroids, 1 << bits, "centroids")
+    batches, m, n = scores_shapes(q, packed, dim, packed_length(dim, bits))
     out = arrays.empty((batches, m, n), np.float32)
     if out.size == 0:
         return out
-    return arrays.launch(_scores_kernel, _blocks(batches * n), (q, packed, centroids), out,
-                         (bits,))
+    arrays.launch(_scores_kernel, grid_blocks(batches * n), (q, packed, centroids), (out,),
+                  (bits,))
+    return out
 
 
 def sign_scores(q: Any, packed: Any, rows: int) -> Any:
@@ -372,11 +299,12 @@ def sign_scores(q: Any, packed: Any, rows: int) -> Any:
         rounding (float32 sums).
     """
     rows = int(rows)
-    arrays = _Arrays(q)
+    arrays = DeviceArrays(q)
     q = arrays.put(q, np.float32)
     packed = arrays.put(packed, np.uint8)
-    batches, m, n = _scores_shapes(q, packed, rows, _packed_length(rows, 1))
+    batches, m, n = scores_shapes(q, packed, rows, packed_length(rows, 1))
     out = arrays.empty((batches, m, n), np.float32)
     if out.size == 0:
         return out
-    return arrays.launch(_sign_scores_kernel, _blocks(batches * n), (q, packed), out, ())
+    arrays.launch(_sign_scores_kernel, grid_blocks(batches * n), (q, packed), (out,), ())
+    return out

@@ -37,9 +37,8 @@ import numpy as np
 # numba.cuda must be a module global: the CUDA simulator swaps the kernel's global ``cuda``.
 from numba import cuda, float32, float64
 
-THREADS_PER_BLOCK = 128
-# Grid-stride loops: the grid is capped at this many blocks.
-MAX_BLOCKS = 65535
+from latkv._gpu.numba_launch import DeviceArrays, grid_blocks
+
 
 
 @cuda.jit(device=True)
@@ -123,35 +122,16 @@ def _nearest_e8_kernel(x, out):
 # ---------------------------------------------------------------- host side
 
 
-def _on_gpu(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
-
-
 def _run(kernel: Any, x: Any) -> Any:
-    gpu = _on_gpu(x)
-    if gpu:
-        import cupy
-
-        xp = cupy
-    else:
-        xp = np
-    x = xp.ascontiguousarray(xp.asarray(x), dtype=xp.float32)
+    arrays = DeviceArrays(x)
+    x = arrays.put(x, np.float32)
     if x.ndim < 1 or int(x.shape[-1]) != 8:
         raise ValueError(f"x must have shape (..., 8), got {tuple(x.shape)}")
-    out = xp.empty(x.shape, dtype=xp.float32)
+    out = arrays.empty(x.shape, np.float32)
     if out.size == 0:
         return out
     rows = out.size // 8
-    blocks = max(1, min(-(-rows // THREADS_PER_BLOCK), MAX_BLOCKS))
-    if gpu:
-        pointer = cupy.cuda.get_current_stream().ptr
-        stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
-        kernel[blocks, THREADS_PER_BLOCK, stream](
-            cuda.as_cuda_array(x.reshape(rows, 8)), cuda.as_cuda_array(out.reshape(rows, 8)))
-        return out
-    device_out = cuda.device_array((rows, 8), dtype=np.float32)
-    kernel[blocks, THREADS_PER_BLOCK](cuda.to_device(x.reshape(rows, 8)), device_out)
-    device_out.copy_to_host(out.reshape(rows, 8))
+    arrays.launch(kernel, grid_blocks(rows), (x.reshape(rows, 8),), (out.reshape(rows, 8),), ())
     return out
 
 

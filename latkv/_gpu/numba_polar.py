@@ -46,6 +46,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from latkv._gpu.cuda_sources import MAX_POLAR_LEVELS
+from latkv._gpu.numba_launch import DeviceArrays, grid_blocks
 from latkv._gpu.cupy_polar import (
     check_dim,
     check_levels,
@@ -54,14 +55,11 @@ from latkv._gpu.cupy_polar import (
     level_lengths,
 )
 
-THREADS_PER_BLOCK = 128
 MAX_LEVELS = MAX_POLAR_LEVELS
 # Radii a thread keeps: half a block of 2**MAX_LEVELS coordinates.
 MAX_HALF = 1 << (MAX_LEVELS - 1)
 # Shared-memory table of all levels' centroids / boundaries: at most 2**8 per level.
 MAX_TABLE = MAX_LEVELS * 256
-# Grid-stride loops in every kernel: the grid is capped at this many blocks.
-MAX_BLOCKS = 65535
 # 2 * numpy.pi, the reference's TWO_PI
 TWO_PI = 2 * math.pi
 
@@ -208,54 +206,6 @@ def _dequantize_kernel(packed, radius, centroids, layout, out):
 # ---------------------------------------------------------------- host side
 
 
-def _blocks(threads_needed: int) -> int:
-    return max(1, min(-(-threads_needed // THREADS_PER_BLOCK), MAX_BLOCKS))
-
-
-def _on_gpu(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
-
-
-class _Arrays:
-    """Inputs in one array module: NumPy (kernels get device copies) or CuPy (kernels get views).
-
-    ``put(x, dtype)`` converts an input to C-contiguous ``dtype`` in that module; ``launch(kernel,
-    blocks, inputs, outputs, scalars)`` launches ``kernel[blocks, THREADS_PER_BLOCK](*inputs,
-    *outputs, *scalars)`` and fills the outputs (allocated by the caller in that module).
-    """
-
-    def __init__(self, first: Any) -> None:
-        self.gpu = _on_gpu(first)
-        if self.gpu:
-            import cupy
-
-            self.xp = cupy
-        else:
-            self.xp = np
-
-    def put(self, x: Any, dtype: Any) -> Any:
-        return self.xp.ascontiguousarray(self.xp.asarray(x), dtype=dtype)
-
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self.xp.empty(shape, dtype=dtype)
-
-    def launch(self, kernel: Any, blocks: int, inputs: tuple, outputs: tuple,
-               scalars: tuple) -> None:
-        if self.gpu:
-            import cupy
-
-            pointer = cupy.cuda.get_current_stream().ptr
-            stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
-            kernel[blocks, THREADS_PER_BLOCK, stream](
-                *(cuda.as_cuda_array(x) for x in inputs + outputs), *scalars)
-            return
-        device_outputs = tuple(cuda.device_array(out.shape, dtype=out.dtype) for out in outputs)
-        kernel[blocks, THREADS_PER_BLOCK](
-            *(cuda.to_device(x) for x in inputs), *device_outputs, *scalars)
-        for device_out, out in zip(device_outputs, outputs):
-            device_out.copy_to_host(out)
-
-
 def _layout(dim: int, level_bits: tuple[int, ...], table_sizes: list[int]) -> np.ndarray:
     """``(levels, 3)`` int64: per level its width, table offset and byte offset in a row."""
     lengths = level_lengths(dim, level_bits)
@@ -290,7 +240,7 @@ def polar_quantize(rotated: Any, levels: int, level_bits: tuple[int, ...],
     ``atan2`` and the host libm's may round to different sides (random data: identical bytes).
     """
     levels, level_bits = check_levels(levels, level_bits)
-    arrays = _Arrays(rotated)
+    arrays = DeviceArrays(rotated)
     rotated = arrays.put(rotated, np.float32)
     if rotated.ndim != 2:
         raise ValueError(f"rotated must be 2-D (n, d), got shape {tuple(rotated.shape)}")
@@ -304,7 +254,7 @@ def polar_quantize(rotated: Any, levels: int, level_bits: tuple[int, ...],
     radius = arrays.empty((rows, dim >> levels), np.float64)
     group = group_blocks(levels, level_bits)
     if radius.size:
-        arrays.launch(_quantize_kernel, _blocks(rows * -(-(dim >> levels) // group)),
+        arrays.launch(_quantize_kernel, grid_blocks(rows * -(-(dim >> levels) // group)),
                       (rotated, table, layout), (buffer, radius), (group,))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int).tolist()
     packed = tuple(arrays.xp.ascontiguousarray(buffer[:, start:stop])
@@ -339,7 +289,7 @@ def polar_dequantize(packed: tuple[Any, ...], radius: Any, levels: int,
     """
     levels, level_bits = check_levels(levels, level_bits)
     dim = check_dim(dim, levels)
-    arrays = _Arrays(radius)
+    arrays = DeviceArrays(radius)
     radius = arrays.put(radius, np.float64)
     if radius.ndim != 2 or int(radius.shape[1]) != dim >> levels:
         raise ValueError(f"radius must have shape (n, {dim >> levels}) for dim {dim} and "
@@ -365,6 +315,6 @@ def polar_dequantize(packed: tuple[Any, ...], radius: Any, levels: int,
         return out
     buffer = arrays.xp.ascontiguousarray(arrays.xp.concatenate(parts, axis=1))
     layout = arrays.put(_layout(dim, level_bits, sizes), np.int64)
-    arrays.launch(_dequantize_kernel, _blocks(rows * (dim >> levels)),
+    arrays.launch(_dequantize_kernel, grid_blocks(rows * (dim >> levels)),
                   (buffer, radius, table, layout), (out,), ())
     return out
