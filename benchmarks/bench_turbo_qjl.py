@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick, "filter": args.filter or None,
         "fast_backend": FAST,
         "backends": {"TurboQuant": list(latkv.TurboQuant.backends),
-                     "QJL": list(latkv.QJL.backends)},
+                     "QJL": list(latkv.QJL.backends),
+                     "PolarQuant": list(latkv.PolarQuant.backends)},
         "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
     }
 
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         if FAST not in backends:
             log(f"{method}: no {FAST!r} backend yet (backends {tuple(backends)}); only the "
                 "NumPy reference is timed against the baselines")
-    log(f"latkv TurboQuant/QJL benchmarks: {len(benchmarks)} benchmarks, {args.rows} rows "
+    log(f"latkv TurboQuant/QJL/PolarQuant benchmarks: {len(benchmarks)} benchmarks, {args.rows} rows "
         f"(reference on {args.reference_rows}), scores {HEADS}x{QUERIES} queries x "
         f"{HEADS}x{args.keys} keys, {args.rounds} rounds"
         + ("" if faiss is not None else "; Faiss >= 1.15 not importable, no Faiss baseline"))
