@@ -10,6 +10,7 @@ from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
 from latkv.registry import METHODS, quantizer, quantizer_for
 from latkv.rotations import Hadamard, RandomizedHadamard, RandomOrthogonal
+from latkv.e8 import E8Quant
 from latkv.polar import PolarQuant
 from latkv.qjl import QJL
 from latkv.scalar import ScalarQuant
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "Codes",
+    "E8Quant",
     "Hadamard",
     "PolarQuant",
     "QJL",

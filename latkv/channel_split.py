@@ -250,7 +250,7 @@ class ChannelSplitQuantizer(Quantizer):
         q32 = xp.ascontiguousarray(q, dtype=xp.float32)
         if single:
             q32 = q32[None, :]
-        arrays = dict(codes.arrays)
+        arrays = self.scores_arrays(codes, backend)
         transform = self.channel_transform
         if not transform.active:
             result = self._scores_split(q32, arrays, backend)
@@ -269,6 +269,13 @@ class ChannelSplitQuantizer(Quantizer):
                 pieces.append(self._scores_block(q32, sliced, stats, backend))
             result = xp.concatenate(pieces, axis=-1)
         return result[..., 0, :] if single else result
+
+    def scores_arrays(self, codes: Codes, backend: str) -> dict[str, Any]:
+        """The arrays `scores` works on (the codes' own; a method may decode some first).
+
+        Per-token arrays keep the token axis second to last, which ``local_stats`` slices.
+        """
+        return dict(codes.arrays)
 
     def _scores_block(self, q32: Any, arrays: dict[str, Any], stats: dict[str, Any],
                       backend: str) -> Any:

@@ -127,8 +127,9 @@ def _header_and_payload(codes: Codes) -> tuple[bytes, list[tuple[int, bytes]], i
     cls = method_class(codes.method)
     entries, chunks, offset = [], [], 0
     for name, array in codes.arrays.items():
-        host = array if isinstance(array, np.ndarray) else array.get()
-        host = np.ascontiguousarray(host)
+        host = (np.asarray(array) if isinstance(array, (np.ndarray, np.generic))
+                else array.get())
+        host = np.ascontiguousarray(host).reshape(host.shape)  # keep 0-d arrays 0-d
         dtype = host.dtype.newbyteorder("<")
         if dtype.name not in ARRAY_DTYPES:
             raise TypeError(f"codes array {name!r} has dtype {host.dtype}, not one of {ARRAY_DTYPES}")

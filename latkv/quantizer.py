@@ -71,14 +71,30 @@ class Quantizer:
         """Exact bits per coordinate, every scale, norm and index counted: ``8 code_size / dim``."""
         return self.code_size * 8 / self.dim
 
-    def code_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Name -> (shape, dtype) of every array ``encode`` writes for an input of ``shape``."""
+    @property
+    def variable_rate(self) -> bool:
+        """Whether the size of the codes depends on the data (entropy-coded streams).
+
+        Such codes have arrays of data-dependent length (``None`` in `code_layout`);
+        ``code_size`` is then the target and ``Codes.nbytes`` the measured size.
+        """
+        return False
+
+    def code_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int | None, ...], str]]:
+        """Name -> (shape, dtype) of every array ``encode`` writes for an input of ``shape``.
+
+        A ``None`` length (variable-rate methods only) stands for a data-dependent length.
+        """
         raise NotImplementedError  # pragma: no cover - abstract
 
     def encoded_nbytes(self, shape: tuple[int, ...]) -> int:
-        """Exact ``Codes.nbytes`` for an input of ``shape``."""
+        """Exact ``Codes.nbytes`` for an input of ``shape`` (fixed-rate methods)."""
+        layout = self.code_layout(tuple(shape))
+        if any(s is None for array_shape, _ in layout.values() for s in array_shape):
+            raise ValueError(f"{self.spec} writes data-dependent sizes (variable_rate); "
+                             "measure Codes.nbytes of the encoded data instead")
         return int(sum(np.prod(s, dtype=np.int64) * np.dtype(d).itemsize
-                       for s, d in self.code_layout(tuple(shape)).values()))
+                       for s, d in layout.values()))
 
     # -- shared checks ------------------------------------------------------------------
 
@@ -86,13 +102,18 @@ class Quantizer:
         """Check ``x : (..., dim)`` float16/32/64, finite and non-empty."""
         return check_float_array(x, name, dim=self.dim, min_ndim=min_ndim)
 
+    @property
+    def supported_backends(self) -> tuple[str, ...]:
+        """The backends this configuration runs on: ``backends`` unless an option narrows it."""
+        return type(self).backends
+
     def check_backend(self, backend: str | None, x: Any) -> str:
         backend = resolve_backend(backend, x)
-        if backend not in self.backends:
+        if backend not in self.supported_backends:
             fallback = "numpy"
             if backend in ("cupy", "numba.cuda"):
                 raise ValueError(f"{self.name} has no {backend!r} implementation yet; "
-                                 f"available: {self.backends}")
+                                 f"available: {self.supported_backends}")
             return fallback
         return backend
 
@@ -116,10 +137,13 @@ class Quantizer:
         xp = None
         for key, (expected_shape, dtype) in layout.items():
             array = codes.arrays[key]
-            if tuple(array.shape) != tuple(expected_shape) or array.dtype != np.dtype(dtype):
+            fits = len(array.shape) == len(expected_shape) and all(
+                e is None or e == a for a, e in zip(array.shape, expected_shape))
+            if not fits or array.dtype != np.dtype(dtype):
                 raise ValueError(
                     f"{name} array {key!r} has shape {tuple(array.shape)} dtype {array.dtype}, "
                     f"expected {tuple(expected_shape)} {dtype}"
+                    + (" (None: any length)" if None in tuple(expected_shape) else "")
                 )
             module = array_module(array)
             if xp is not None and module is not xp:
