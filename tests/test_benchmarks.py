@@ -36,3 +36,18 @@ def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
         roles = [e["role"] for e in bench["entries"]]
         assert roles.count("implementation") == (bench["fast_backend"] is not None)
         assert all(e["status"] == "ok" for e in bench["entries"])
+
+
+def test_e8_claim_quick_run(tmp_path):
+    out = tmp_path / "e8_claim.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e8_claim.py"),
+                             "--quick", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert set(document["curves"]) == {"e8-rans", "e8-rans-no-rotation", "scalar-rans",
+                                       "scalar-rans-hadamard", "scalar-minmax", "e8-fixed"}
+    # E8 + rANS is never worse in rate than fixed-rate min-max scalar at equal MSE
+    for row in document["ratios"]:
+        ratio = row["ratio_to_e8_rans"]["scalar-minmax"]
+        if row["metric"] == "relative_mse" and ratio is not None:
+            assert ratio > 1
