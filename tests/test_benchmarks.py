@@ -51,3 +51,19 @@ def test_e8_claim_quick_run(tmp_path):
         ratio = row["ratio_to_e8_rans"]["scalar-minmax"]
         if row["metric"] == "relative_mse" and ratio is not None:
             assert ratio > 1
+
+
+def test_e8_rate_distortion_quick_run(tmp_path):
+    out = tmp_path / "e8_rate_distortion.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e8_rate_distortion.py"),
+                             "--quick", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert document["ok"] and not document["failures"]
+    assert set(document["curves"]) == {
+        "e8_entropy", "e8_fixed", "turbo", "scalar_minmax", "uniform_scalar_rans",
+        "uniform_scalar_rans_hadamard"}
+    assert all(len(curve) >= 2 for curve in document["curves"].values())
+    # n = 1000 pays more for the stored model than the full run (which gets 0.16 bits)
+    best = document["best_e8_gap"]
+    assert 1 <= best["rate"] <= 3 and best["gap_bits"] < 0.3
