@@ -144,7 +144,8 @@ def _scale_ladder(bits: int) -> tuple[int, int]:
     return low, high
 
 
-def _scale_candidate(base: Any, j: int) -> Any:
+def _scale_candidate(base: Any, j: Any) -> Any:
+    """``max(fp16(base 2^(j / 32)), 2^-24)`` as float32; ``j`` an int or an array like base."""
     xp = array_module(base)
     s = (base * (2.0 ** (j / SCALE_LADDER))).astype(xp.float16).astype(xp.float32)
     return xp.maximum(s, xp.float32(SMALLEST_SCALE))
@@ -195,15 +196,10 @@ def fit_voronoi_scale(rotated: Any, bits: int, *, backend: str | None = None) ->
         if pending.size == 0:
             break
         j = coarse[pending] - step
-        s = xp.maximum((base[pending] * (2.0 ** (j / SCALE_LADDER))).astype(xp.float16)
-                       .astype(xp.float32), xp.float32(SMALLEST_SCALE))
-        points = nearest_e8(groups[pending] / s[:, None, None], backend=backend)
-        ok = in_voronoi_code(points, bits, backend=backend).all(axis=-1) & (j >= low)
+        ok = fits(pending, j) & (j >= low)
         chosen[pending[ok]] = j[ok]
         pending = pending[~ok]
-    s = xp.maximum((base * (2.0 ** (chosen / SCALE_LADDER))).astype(xp.float16)
-                   .astype(xp.float32), xp.float32(SMALLEST_SCALE))
-    return s
+    return _scale_candidate(base, chosen)
 
 
 # --------------------------------------------------------------------------- lattice symbols
@@ -243,7 +239,12 @@ def _stream_header_bytes(symbols: int) -> int:
 
 @dataclass(frozen=True)
 class E8Stage:
-    """E8 on vectors of length ``dim`` (a multiple of 8)."""
+    """E8 on vectors of length ``dim`` (a multiple of 8).
+
+    Unlike the other stages it needs the input's leading shape to decode (the entropy-coded
+    steps are per head), so `E8Quant` calls `rotated_estimate` with it instead of a
+    ``decode`` / ``scores`` pair.
+    """
 
     dim: int
     bits: float
@@ -427,12 +428,6 @@ class E8Stage:
         if self.entropy_coded:
             return self._entropy_estimate(arrays, lead)
         return self._fixed_estimate(arrays, backend)
-
-    def decode(self, arrays: dict[str, Any], backend: str) -> Any:
-        raise NotImplementedError  # E8Quant decodes with the shape (see E8Quant)
-
-    def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
-        raise NotImplementedError  # E8Quant scores with the shape (see E8Quant)
 
 
 def _check_target_bits(bits: Any, entropy_coded: bool) -> int | float:
