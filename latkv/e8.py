@@ -484,7 +484,8 @@ class E8Quant(ChannelSplitQuantizer):
     >>> bool(2.4 < rate <= 2.5)
     True
     >>> mse = float(((coded.decode(codes) - x) ** 2).mean())
-    >>> bool(mse < 0.5 * 2 ** (-2 * 2.5 + 1))  # within 1 bit of D(R) = 2^(-2R) for N(0, 1)
+    >>> gap = rate - 0.5 * np.log2(1 / mse)  # bits above Shannon's R(D) for N(0, 1)
+    >>> bool(0.1 < gap < 0.25)
     True
     """
 
