@@ -16,7 +16,7 @@ Fixed rate (``entropy=False``): a Voronoi code
     decoded as ``y - q nearest_e8((y - a) / q)`` with ``y = k G``.
 
     Each vector stores one float16 scale ``s``: the smallest of a fixed ladder of candidates
-    (`fit_voronoi_scale`) at which *every* group's nearest lattice point ``nearest_e8(x / s)``
+    (`voronoi_encode_reference`) at which *every* group's nearest lattice point ``nearest_e8(x / s)``
     lies in ``C_b`` (no overload). Since ``C_b`` is part of E8, that point is then the exact
     nearest codebook point. Why a Voronoi code and not the ``2^(8b)`` shortest vectors or
     QuIP#'s E8P: it exists for every ``b`` (E8P is a 2-bit construction, and a shell-ordered
@@ -39,7 +39,7 @@ Entropy-coded (``entropy=True``): rANS streams
 
     The alphabet is ``2 K + 1``; the model (`latkv.entropy.Model.to_bytes`, 7 contexts) and
     the three streams are stored as variable-length ``uint8`` arrays. ``bits`` is the target:
-    the step multiplier is searched (`fit_entropy_step`) so that the measured size of
+    the step multiplier is searched (`E8Stage`) so that the measured size of
     everything stored (streams, model, steps, channel statistics) is at most ``bits`` per
     coordinate, as large as the ladder allows. Inputs too small to pay for the model and
     stream headers land above the target; ``Codes.nbytes`` is always the true size. The
@@ -85,7 +85,7 @@ TIE_OFFSET = (2.0 ** (np.arange(8) - 12)).astype(np.float32)
 #: smallest positive float16: the floor of every stored scale and step
 SMALLEST_SCALE = 2.0 ** -24
 LARGEST_SCALE = 65504.0
-#: fixed-rate scale ladder: candidates s = fp16(max|x| / q * 2^(j / 32))
+#: fixed-rate scale ladder: candidates s = fp16(max|x| / q * 2^(j / 32)) (`scale_ladder`)
 SCALE_LADDER = 32
 #: entropy step ladder: step = fp16(sigma * sqrt(2 pi e) * 2^-bits * 2^(j / 64)), |j| <= 640
 STEP_LADDER = 64
@@ -128,78 +128,88 @@ def in_voronoi_code(points: Any, bits: int, *, backend: str | None = None) -> An
     return ~(shift != 0).any(axis=-1)
 
 
-def _scale_ladder(bits: int) -> tuple[int, int]:
-    """``(j_low, j_high)``: below ``j_low`` no vector fits, at ``j_high`` every vector does.
+def scale_ladder(bits: int) -> tuple[int, np.ndarray]:
+    """``(low, multipliers)``: the rungs ``j = low .. high`` as float64 ``2^(j / 32)``.
 
-    With ``m = 2^(j / 32)`` and ``s = max|x| m / q``: a group ``x_g`` has ``|x_g| >=
-    max|x|``, its nearest point ``|λ| >= |x_g| / s - 1`` (E8's covering radius is 1) and a
-    code point ``|λ| <= q + |a|``, so ``m >= q / (q + 1.04)`` is needed; ``|x_g| <= sqrt(8)
-    max|x|`` and ``|λ - a| < q / sqrt(2)`` (the inradius of ``q V``) is enough, which
-    ``m >= sqrt(8) q / (q / sqrt(2) - 1.05)`` guarantees (a 1% margin covers the float16
-    rounding of ``s``).
+    Below ``low`` no vector fits, at ``high`` every vector does. With ``m = 2^(j / 32)`` and
+    ``s = max|x| m / q``: a group ``x_g`` has ``|x_g| >= max|x|``, its nearest point ``|λ| >=
+    |x_g| / s - 1`` (E8's covering radius is 1) and a code point ``|λ| <= q + |a|``, so ``m >=
+    q / (q + 1.04)`` is needed; ``|x_g| <= sqrt(8) max|x|`` and ``|λ - a| < q / sqrt(2)`` (the
+    inradius of ``q V``) is enough, which ``m >= sqrt(8) q / (q / sqrt(2) - 1.05)``
+    guarantees (a 1% margin covers the float16 rounding of ``s``). Every backend takes the
+    multipliers from this table, so none depends on its own ``pow``.
     """
     q = 1 << bits
     low = math.floor(SCALE_LADDER * math.log2(q / (q + 1.04)))
     high = math.ceil(SCALE_LADDER * math.log2(1.01 * math.sqrt(8) * q / (q / math.sqrt(2) - 1.05)))
-    return low, high
+    return low, 2.0 ** (np.arange(low, high + 1, dtype=np.float64) / SCALE_LADDER)
 
 
-def _scale_candidate(base: Any, j: Any) -> Any:
-    """``max(fp16(base 2^(j / 32)), 2^-24)`` as float32; ``j`` an int or an array like base."""
+def scale_candidate(base: Any, multiplier: Any) -> Any:
+    """``max(fp16(base * multiplier), 2^-24)`` as float32 (one rounding, float64 to float16)."""
     xp = array_module(base)
-    s = (base * (2.0 ** (j / SCALE_LADDER))).astype(xp.float16).astype(xp.float32)
+    s = (base * multiplier).astype(xp.float16).astype(xp.float32)
     return xp.maximum(s, xp.float32(SMALLEST_SCALE))
 
 
-def fit_voronoi_scale(rotated: Any, bits: int, *, backend: str | None = None) -> Any:
-    """The float16 scale of each vector: the first fitting rung of a fixed ladder.
+def voronoi_encode_reference(rotated: Any, multipliers: Any, bits: int, *,
+                             backend: str = "numpy") -> tuple[Any, Any]:
+    """Scale and labels of each vector: the first fitting rung of the ladder, then its labels.
 
     Parameters
     ----------
-    rotated : (n, dim) float32, ``dim`` a multiple of 8
-    bits : int
+    rotated : (n, dim) float32, ``dim`` a multiple of 8, finite
+    multipliers : (r,) float64, `scale_ladder` ``(bits)[1]``
+    bits : int, 1..8
+    backend : str
+        Where `nearest_e8` runs (all backends give the same points).
 
     Returns
     -------
-    (n,) float32 holding float16 values ``s``: with ``base = max|x| / 2^bits``, the ladder is
-    ``s_j = max(fp16(base 2^(j/32)), 2^-24)`` for ``j`` from `_scale_ladder`'s low end; the
-    coarse pass tries every 8th rung, the fine pass the 7 rungs below the first coarse rung
-    that fits, in increasing order. A rung *fits* when every group's ``nearest_e8(x / s)``
-    is in ``C_bits``. Every backend makes the same choice (the checks are bit-exact).
+    scale : (n,) float32 holding float16 values
+        With ``base = float64(max_i |x_i|) / 2^bits`` and ``s_i = max(fp16(base *
+        multipliers[i]), 2^-24)``: the *coarse* pass tries ``i = 0, 8, 16, ...`` below
+        ``r - 1`` and keeps the first rung that fits (``r - 1`` if none does); the *fine* pass
+        tries the 7 rungs below it, lowest first, ``i >= 0`` only, and keeps the first that
+        fits (else the coarse rung). A rung *fits* when every group's ``λ =
+        nearest_e8(float32(x_g / s))`` is in ``C_bits`` (`in_voronoi_code`).
+    labels : (n, dim) uint8
+        `voronoi_labels` of the groups' ``λ`` at the chosen scale.
     """
     xp = array_module(rotated)
     n, dim = rotated.shape
     groups = rotated.reshape(n, dim // 8, 8)
     base = xp.abs(rotated).max(axis=-1).astype(xp.float64) / (1 << bits)
-    low, high = _scale_ladder(bits)
-    if bool((base * 2.0 ** (high / SCALE_LADDER) >= LARGEST_SCALE).any()):
-        raise ValueError(f"x holds values too large for a float16 scale at bits={bits} "
-                         f"(max |rotated x| must stay below "
-                         f"{LARGEST_SCALE * (1 << bits) / 2.0 ** (high / SCALE_LADDER):.4g})")
+    multipliers = xp.asarray(multipliers)
+    last = multipliers.shape[0] - 1
 
-    def fits(rows: Any, j: Any) -> Any:
-        s = _scale_candidate(base[rows], j)
-        points = nearest_e8(groups[rows] / s[:, None, None], backend=backend)
-        return in_voronoi_code(points, bits, backend=backend).all(axis=-1)
+    def points_at(rows: Any, rung: Any) -> Any:
+        s = scale_candidate(base[rows], multipliers[rung])
+        return nearest_e8(groups[rows] / s[:, None, None], backend=backend)
 
-    coarse = xp.full(n, high, dtype=xp.int64)
+    def fits(rows: Any, rung: Any) -> Any:
+        return in_voronoi_code(points_at(rows, rung), bits, backend=backend).all(axis=-1)
+
+    coarse = xp.full(n, last, dtype=xp.int64)
     pending = xp.arange(n)
-    for j in range(low, high, 8):
+    for rung in range(0, last, 8):
         if pending.size == 0:
             break
-        ok = fits(pending, j)
-        coarse[pending[ok]] = j
+        ok = fits(pending, xp.full(pending.shape[0], rung, dtype=xp.int64))
+        coarse[pending[ok]] = rung
         pending = pending[~ok]
     chosen = coarse.copy()
     pending = xp.arange(n)
     for step in range(7, 0, -1):            # rungs coarse - 7 .. coarse - 1, lowest first
         if pending.size == 0:
             break
-        j = coarse[pending] - step
-        ok = fits(pending, j) & (j >= low)
-        chosen[pending[ok]] = j[ok]
+        rung = coarse[pending] - step
+        ok = (rung >= 0) & fits(pending, xp.maximum(rung, 0))
+        chosen[pending[ok]] = rung[ok]
         pending = pending[~ok]
-    return _scale_candidate(base, chosen)
+    everything = xp.arange(n)
+    labels = voronoi_labels(points_at(everything, chosen), bits).reshape(n, dim)
+    return scale_candidate(base, multipliers[chosen]), labels.astype(xp.uint8)
 
 
 # --------------------------------------------------------------------------- lattice symbols
@@ -288,12 +298,15 @@ class E8Stage:
         xp = array_module(rotated)
         bits = int(self.bits)
         lead = rotated.shape[:-1]
-        flat = rotated.reshape(-1, self.dim)
-        scale = fit_voronoi_scale(flat, bits, backend=backend)
-        points = nearest_e8(flat.reshape(flat.shape[0], -1, 8) / scale[:, None, None],
-                            backend=backend)
-        labels = voronoi_labels(points, bits).reshape(flat.shape[0], self.dim)
-        packed = pack_bits(labels.astype(xp.uint8), bits, backend=backend, check=False)
+        flat = xp.ascontiguousarray(rotated.reshape(-1, self.dim))
+        _, multipliers = scale_ladder(bits)
+        if bool((xp.abs(flat).max() / (1 << bits) * multipliers[-1] >= LARGEST_SCALE)):
+            raise ValueError(f"x holds values too large for a float16 scale at bits={bits} "
+                             f"(max |rotated x| must stay below "
+                             f"{LARGEST_SCALE * (1 << bits) / multipliers[-1]:.4g})")
+        scale, labels = voronoi_encode_reference(
+            flat, multipliers if xp is np else xp.asarray(multipliers), bits, backend=backend)
+        packed = pack_bits(labels, bits, backend=backend, check=False)
         return {"labels": packed.reshape(*lead, packed.shape[-1]),
                 "scale": scale.astype(xp.float16).reshape(lead)}
 

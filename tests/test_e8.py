@@ -58,23 +58,31 @@ def test_generator_is_a_basis_of_e8():
 # --------------------------------------------------------------------------- fixed rate
 
 
-def test_fixed_rate_scale_is_the_smallest_fitting_rung_and_the_point_is_nearest():
+def test_fixed_rate_scale_is_the_first_fitting_rung():
     x = gaussian((300, 64), seed=2)
     for bits in (2, 3):
-        scale = e8.fit_voronoi_scale(x, bits)
+        _, multipliers = e8.scale_ladder(bits)
+        scale, labels = e8.voronoi_encode_reference(x, multipliers, bits)
         groups = x.reshape(300, 8, 8)
         points = nearest_e8(groups / scale[:, None, None])
         assert e8.in_voronoi_code(points, bits).all()             # no group overloads
-        # the rung below does not fit (or the ladder's floor was reached)
+        assert np.array_equal(e8.voronoi_labels(points, bits).reshape(300, 64), labels)
         base = np.abs(x).max(axis=1).astype(np.float64) / (1 << bits)
-        rung = np.rint(e8.SCALE_LADDER * np.log2(scale / base)).astype(np.int64)
-        lower = np.maximum(
-            (base * 2.0 ** ((rung - 1) / e8.SCALE_LADDER)).astype(np.float16).astype(np.float32),
-            np.float32(e8.SMALLEST_SCALE))
-        below = nearest_e8(groups / lower[:, None, None])
-        low, _ = e8._scale_ladder(bits)
-        fits_below = e8.in_voronoi_code(below, bits).all(axis=-1)
-        assert not (fits_below & (rung - 1 >= low)).any()
+        candidates = e8.scale_candidate(base[:, None], multipliers[None, :])  # (300, rungs)
+
+        def documented_search(rows, rung_scales):
+            """The docstring's rule, one vector at a time."""
+            def fits(i):
+                return e8.in_voronoi_code(nearest_e8(rows / rung_scales[i]), bits).all()
+            last = len(rung_scales) - 1
+            coarse = next((i for i in range(0, last, 8) if fits(i)), last)
+            return next((i for i in range(coarse - 7, coarse) if i >= 0 and fits(i)), coarse)
+
+        for i in range(0, 300, 3):
+            assert scale[i] == candidates[i, documented_search(groups[i], candidates[i])]
+        # the top rung always fits (the ladder's proof)
+        top = nearest_e8(groups / candidates[:, -1][:, None, None])
+        assert e8.in_voronoi_code(top, bits).all()
 
 
 def test_fixed_rate_codes_hold_the_exact_nearest_codebook_point():
