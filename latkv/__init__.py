@@ -12,6 +12,7 @@ from latkv.registry import METHODS, quantizer, quantizer_for
 from latkv.rotations import Hadamard, RandomizedHadamard, RandomOrthogonal
 from latkv.e8 import E8Quant
 from latkv.polar import PolarQuant
+from latkv.qet import QET
 from latkv.qjl import QJL
 from latkv.scalar import ScalarQuant
 from latkv.turbo import TurboQuant
@@ -24,6 +25,7 @@ __all__ = [
     "E8Quant",
     "Hadamard",
     "PolarQuant",
+    "QET",
     "QJL",
     "Quantizer",
     "RandomOrthogonal",

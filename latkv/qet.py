@@ -1,0 +1,439 @@
+"""QET: element substitution trees, product quantization of the reordered columns, residuals.
+
+QET ("Quantum Entanglement Trees", Wang et al., arXiv 2407.03637; the authors' research code
+is QET-release/QET-release) quantizes a *matrix*: here each head's block of ``block``
+consecutive tokens, ``(rows, dim)``. Three steps:
+
+1. **Element substitution** (the "entanglement tree", depth ``layers``): each row's adjacent
+   pairs ``(x_2i, x_2i+1)`` become ``min`` and ``max``, with one indicator bit
+   ``x_2i < x_2i+1`` per pair; the minima form the left half of the row and the maxima the
+   right half, and each half is treated the same way again, ``layers`` times. Columns of the
+   reordered matrix then hold values of similar rank, which a product quantizer's column-group
+   codebooks fit better. It costs ``layers * dim / 2`` indicator bits per row (0.5 bits per
+   coordinate per layer) and is exactly invertible (`disentangle`).
+2. **Product quantization** of the reordered matrix: ``subspaces`` groups of ``dim /
+   subspaces`` consecutive columns, each with a k-means codebook of ``K`` codewords fitted to
+   this block (`kmeans`, deterministic for the seed), quantized to ``codebook_bits`` bits by
+   one min-max grid per codebook (the code's "CQO"), and one code of ``ceil(log2 K)`` bits per
+   row and group.
+3. **Residual clustering** ("RQO"): a second product quantizer, without substitution, on the
+   residual ``x - x_hat``; the budget left after the indicator bits is split between the stages
+   as ``stage_share`` (the code's default 0.7 / 0.3).
+
+``K`` of each stage is the largest (at most the block's rows and 256) whose codebook, grid and
+codes fit the stage's share of ``bits * rows * dim``: the bits are exact and every part is
+counted. This module is the NumPy reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from latkv._backend import array_module
+from latkv.checks import check_int
+from latkv.container import Codes
+from latkv.packing import pack_bits, packed_length, unpack_bits
+from latkv.quantizer import Quantizer
+from latkv.registry import register
+
+MAX_CODEWORDS = 256
+GRID_BYTES = 8  # float32 minimum and step of a codebook's min-max grid
+
+
+# --------------------------------------------------------------------------- substitution
+
+
+def entangle(x: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Element substitution tree: ``x : (rows, dim)`` -> (reordered ``(rows, dim)``,
+    indicators ``(layers, rows, dim / 2)`` bool).
+
+    Level ``l`` splits every part of the previous level into the minima and maxima of its
+    adjacent pairs; ``indicators[l]`` holds ``a < b`` for the pairs of all parts, part by part.
+    """
+    parts = [x]
+    indicators = []
+    for _ in range(layers):
+        split, level = [], []
+        for part in parts:
+            a, b = part[:, 0::2], part[:, 1::2]
+            level.append(a < b)
+            split += [np.minimum(a, b), np.maximum(a, b)]
+        parts = split
+        indicators.append(np.concatenate(level, axis=1))
+    rows, dim = x.shape
+    stacked = (np.stack(indicators) if indicators
+               else np.zeros((0, rows, dim // 2), dtype=bool))
+    return np.concatenate(parts, axis=1), stacked
+
+
+def disentangle(y: np.ndarray, indicators: np.ndarray) -> np.ndarray:
+    """The inverse of `entangle`: put every element back in its place."""
+    layers = indicators.shape[0]
+    rows, dim = y.shape
+    parts = np.split(y, 1 << layers, axis=1)
+    for level in range(layers - 1, -1, -1):
+        flags = np.split(indicators[level], 1 << level, axis=1)
+        merged = []
+        for j, flag in enumerate(flags):
+            small, large = parts[2 * j], parts[2 * j + 1]
+            part = np.empty((rows, 2 * small.shape[1]), dtype=y.dtype)
+            part[:, 0::2] = np.where(flag, small, large)
+            part[:, 1::2] = np.where(flag, large, small)
+            merged.append(part)
+        parts = merged
+    return parts[0]
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd's k-means from ``k`` distinct rows drawn by ``rng``; an empty cluster keeps its
+    centroid. ``points : (n, d)`` float64 -> centroids ``(k, d)`` float64."""
+    centroids = points[rng.choice(points.shape[0], size=k, replace=False)].copy()
+    for _ in range(iterations):
+        labels = nearest_codeword(points, centroids)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, points)
+        counts = np.bincount(labels, minlength=k)
+        filled = counts > 0
+        updated = centroids.copy()
+        updated[filled] = sums[filled] / counts[filled, None]
+        if np.array_equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def nearest_codeword(points: np.ndarray, codewords: np.ndarray) -> np.ndarray:
+    """Index of the nearest codeword (squared L2; lowest index on ties) of each point."""
+    distances = ((points[:, None, :] - codewords[None, :, :]) ** 2).sum(axis=-1)
+    return distances.argmin(axis=1)
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def code_bits(codewords: int) -> int:
+    """Bits of one code: ``ceil(log2 K)``, at least 1."""
+    return max(1, (codewords - 1).bit_length())
+
+
+def stage_bits(rows: int, dim: int, subspaces: int, codewords: int, codebook_bits: int) -> int:
+    """Exact bits of one product-quantizer stage of a block (codebook, grid, codes)."""
+    codebook = packed_length(codewords * dim, min(codebook_bits, 8)) * 8
+    if codebook_bits > 8:
+        codebook += packed_length(codewords * dim, codebook_bits - 8) * 8
+    codes = packed_length(rows * subspaces, code_bits(codewords)) * 8
+    return codebook + 8 * GRID_BYTES + codes
+
+
+def choose_codewords(budget: float, rows: int, dim: int, subspaces: int,
+                     codebook_bits: int) -> int:
+    """The largest ``K <= min(rows, 256)`` whose stage fits ``budget`` bits (1 if none)."""
+    best = 1
+    for k in range(1, min(rows, MAX_CODEWORDS) + 1):
+        if stage_bits(rows, dim, subspaces, k, codebook_bits) <= budget:
+            best = k
+    return best
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+def quantize_codebook(codebook: np.ndarray, bits: int) -> tuple[np.ndarray, np.float32,
+                                                                 np.float32]:
+    """Min-max grid of ``2^bits`` levels over the whole codebook: (levels, minimum, step)."""
+    minimum = np.float32(codebook.min())
+    step = np.float32((np.float32(codebook.max()) - minimum) / np.float32((1 << bits) - 1))
+    if step == 0:
+        step = np.float32(1.0)
+    levels = np.clip(np.rint((codebook.astype(np.float32) - minimum) / step), 0, (1 << bits) - 1)
+    return levels.astype(np.uint16), minimum, step
+
+
+def codebook_values(levels: np.ndarray, minimum: Any, step: Any) -> np.ndarray:
+    return levels.astype(np.float32) * np.float32(step) + np.float32(minimum)
+
+
+def fit_stage(y: np.ndarray, subspaces: int, codewords: int, codebook_bits: int,
+              iterations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.float32, np.float32]:
+    """Fit and apply one product quantizer to ``y : (rows, dim)`` float32.
+
+    Returns ``(codes (rows, subspaces), levels (subspaces, K, dim / subspaces), minimum,
+    step)``; the codes use the quantized codebook.
+    """
+    rows, dim = y.shape
+    width = dim // subspaces
+    blocks = y.astype(np.float64).reshape(rows, subspaces, width)
+    codebook = np.stack([kmeans(blocks[:, m], codewords, iterations, rng)
+                         for m in range(subspaces)])
+    levels, minimum, step = quantize_codebook(codebook, codebook_bits)
+    values = codebook_values(levels, minimum, step).astype(np.float64)
+    codes = np.stack([nearest_codeword(blocks[:, m], values[m]) for m in range(subspaces)],
+                     axis=1)
+    return codes, levels, minimum, step
+
+
+def stage_reconstruction(codes: np.ndarray, levels: np.ndarray, minimum: Any,
+                         step: Any) -> np.ndarray:
+    """``(rows, dim)`` float32 from the codes and the quantized codebook."""
+    values = codebook_values(levels, minimum, step)
+    subspaces = values.shape[0]
+    return np.concatenate([values[m][codes[:, m]] for m in range(subspaces)], axis=1)
+
+
+# --------------------------------------------------------------------------- the quantizer
+
+
+@register("qet", method_id=6, main_parameter="bits")
+@dataclass(frozen=True)
+class QET(Quantizer):
+    """QET: element substitution tree + product quantization + a residual stage, per block.
+
+    Parameters
+    ----------
+    dim : int
+        A multiple of ``2^layers`` and of ``subspaces``.
+    bits : float
+        Budget in bits per coordinate, everything counted; 0.5..16.
+    layers : int
+        Depth of the substitution tree, 0..6 (``layers * 0.5`` bits per coordinate of
+        indicators); the authors' default 3.
+    subspaces : int
+        Column groups of the product quantizers (the code's ``M``; its example uses 4).
+    stage_share : sequence of float or str
+        Shares of the budget left after the indicators, one per stage (``"0.7-0.3"``).
+    codebook_bits : int
+        Bits of each quantized codeword element, 1..16 (the code's default 10).
+    block : int
+        Tokens per block: each head's tokens are cut into blocks of this many rows (the last
+        may be shorter), each with its own codebooks.
+    iterations : int
+        Lloyd iterations of k-means.
+    seed : int
+
+    Notes
+    -----
+    Inputs are ``(..., tokens, dim)``. Per block of ``r`` rows: ``layers * r * dim / 2``
+    indicator bits, then per stage a codebook of ``K`` codewords of ``dim`` elements at
+    ``codebook_bits`` bits, its float32 minimum and step, and ``r * subspaces`` codes of
+    ``ceil(log2 K)`` bits. ``code_size`` is for a full block.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv
+    >>> qz = latkv.QET(dim=64, bits=4)
+    >>> x = np.random.default_rng(0).standard_normal((2, 128, 64)).astype(np.float32)
+    >>> codes = qz.encode(x)
+    >>> 8 * codes.nbytes / x.size <= 4
+    True
+    """
+
+    dim: int
+    bits: Any = 4
+    layers: int = 3
+    subspaces: int = 4
+    stage_share: Any = (0.7, 0.3)
+    codebook_bits: int = 10
+    block: int = 128
+    iterations: int = 20
+    seed: int = 0
+
+    backends = ("numpy",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim", check_int(self.dim, "dim", 2))
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)):
+            raise TypeError(f"bits must be a number, got {type(self.bits).__name__}")
+        if not 0.5 <= float(self.bits) <= 16:
+            raise ValueError(f"bits must be in [0.5, 16], got {self.bits}")
+        bits = float(self.bits)
+        object.__setattr__(self, "bits", int(bits) if bits.is_integer() else bits)
+        object.__setattr__(self, "layers", check_int(self.layers, "layers", 0, 6))
+        object.__setattr__(self, "subspaces", check_int(self.subspaces, "subspaces", 1))
+        if self.dim % (1 << self.layers) or self.dim % self.subspaces:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of 2^layers "
+                             f"({1 << self.layers}) and of subspaces ({self.subspaces})")
+        share = self.stage_share
+        if isinstance(share, str):
+            try:
+                share = [float(v) for v in share.split("-")]
+            except ValueError:
+                raise ValueError(f"stage_share must look like '0.7-0.3', got {share!r}") from None
+        share = tuple(float(v) for v in share)
+        if not share or any(v <= 0 for v in share) or sum(share) > 1 + 1e-9:
+            raise ValueError(f"stage_share must be positive shares summing to at most 1, "
+                             f"got {share}")
+        object.__setattr__(self, "stage_share", share)
+        object.__setattr__(self, "codebook_bits", check_int(self.codebook_bits,
+                                                            "codebook_bits", 1, 16))
+        object.__setattr__(self, "block", check_int(self.block, "block", 1))
+        object.__setattr__(self, "iterations", check_int(self.iterations, "iterations", 1))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0))
+
+    idempotent = None  # codebooks are refitted to whatever is encoded
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    def codewords(self, rows: int) -> tuple[int, ...]:
+        """``K`` of each stage for a block of ``rows`` rows."""
+        total = float(self.bits) * rows * self.dim
+        left = total - packed_length(self.layers * rows * self.dim // 2, 1) * 8
+        return tuple(choose_codewords(share * left, rows, self.dim, self.subspaces,
+                                      self.codebook_bits) for share in self.stage_share)
+
+    def _block_layout(self, prefix: str, heads: tuple[int, ...],
+                      rows: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        layout = {}
+        if self.layers:
+            layout[prefix + "indicators"] = (
+                (*heads, packed_length(self.layers * rows * self.dim // 2, 1)), "uint8")
+        for s, k in enumerate(self.codewords(rows)):
+            count = k * self.dim
+            layout[f"{prefix}codebook{s}_low"] = (
+                (*heads, packed_length(count, min(self.codebook_bits, 8))), "uint8")
+            if self.codebook_bits > 8:
+                layout[f"{prefix}codebook{s}_high"] = (
+                    (*heads, packed_length(count, self.codebook_bits - 8)), "uint8")
+            layout[f"{prefix}grid{s}"] = ((*heads, 2), "float32")
+            layout[f"{prefix}codes{s}"] = (
+                (*heads, packed_length(rows * self.subspaces, code_bits(k))), "uint8")
+        return layout
+
+    def _blocks(self, tokens: int) -> tuple[int, int]:
+        return tokens // self.block, tokens % self.block
+
+    def code_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+        if len(shape) < 2:
+            raise ValueError(f"QET quantizes blocks of tokens: inputs of shape "
+                             f"(..., tokens, dim), got {shape}")
+        heads, tokens = tuple(shape[:-2]), shape[-2]
+        full, tail = self._blocks(tokens)
+        layout = {}
+        if full:
+            layout.update(self._block_layout("", (*heads, full), self.block))
+        if tail:
+            layout.update(self._block_layout("tail_", heads, tail))
+        return layout
+
+    @property
+    def code_size(self) -> float:
+        """Bytes per vector of a full block."""
+        return self.encoded_nbytes((self.block, self.dim)) / self.block
+
+    # -- one block ---------------------------------------------------------------------------
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+
+    def _encode_block(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rows = x.shape[0]
+        arrays: dict[str, np.ndarray] = {}
+        reordered, indicators = entangle(x, self.layers)
+        if self.layers:
+            arrays["indicators"] = pack_bits(indicators.reshape(-1).astype(np.uint8), 1,
+                                             backend="numpy", check=False)
+        target = reordered
+        for s, k in enumerate(self.codewords(rows)):
+            codes, levels, minimum, step = fit_stage(target, self.subspaces, k,
+                                                     self.codebook_bits, self.iterations, rng)
+            flat = levels.reshape(-1)
+            low = min(self.codebook_bits, 8)
+            arrays[f"codebook{s}_low"] = pack_bits((flat & 0xFF).astype(np.uint8), low,
+                                                   backend="numpy", check=False)
+            if self.codebook_bits > 8:
+                arrays[f"codebook{s}_high"] = pack_bits((flat >> 8).astype(np.uint8),
+                                                        self.codebook_bits - 8,
+                                                        backend="numpy", check=False)
+            arrays[f"grid{s}"] = np.array([minimum, step], dtype=np.float32)
+            arrays[f"codes{s}"] = pack_bits(codes.reshape(-1).astype(np.uint8), code_bits(k),
+                                            backend="numpy", check=False)
+            target = target - stage_reconstruction(codes, levels, minimum, step)
+        return arrays
+
+    def _decode_block(self, arrays: dict[str, np.ndarray], rows: int) -> np.ndarray:
+        width = self.dim // self.subspaces
+        total = np.zeros((rows, self.dim), dtype=np.float32)
+        for s, k in enumerate(self.codewords(rows)):
+            count = k * self.dim
+            levels = unpack_bits(arrays[f"codebook{s}_low"], min(self.codebook_bits, 8), count,
+                                 backend="numpy").astype(np.uint16)
+            if self.codebook_bits > 8:
+                high = unpack_bits(arrays[f"codebook{s}_high"], self.codebook_bits - 8, count,
+                                   backend="numpy").astype(np.uint16)
+                levels = levels | (high << 8)
+            codes = unpack_bits(arrays[f"codes{s}"], code_bits(k), rows * self.subspaces,
+                                backend="numpy").astype(np.int64).reshape(rows, self.subspaces)
+            if bool((codes >= k).any()):
+                raise ValueError(f"codes array 'codes{s}' holds codeword indices of {k} or more")
+            minimum, step = arrays[f"grid{s}"]
+            total = total + stage_reconstruction(
+                codes, levels.reshape(self.subspaces, k, width), minimum, step)
+        if not self.layers:
+            return total
+        indicators = unpack_bits(arrays["indicators"], 1, self.layers * rows * self.dim // 2,
+                                 backend="numpy").astype(bool)
+        return disentangle(total, indicators.reshape(self.layers, rows, self.dim // 2))
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def _pieces(self, shape: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
+        """``(prefix, block index within its arrays, first token, rows)`` of every block."""
+        full, tail = self._blocks(shape[-2])
+        pieces = [("", b, b * self.block, self.block) for b in range(full)]
+        if tail:
+            pieces.append(("tail_", -1, full * self.block, tail))
+        return pieces
+
+    def encode(self, x: Any, *, backend: str | None = None) -> Codes:
+        """Encode ``x : (..., tokens, dim)`` block by block (NumPy).
+
+        Returns
+        -------
+        Codes
+            The arrays of ``code_layout(x.shape)``.
+        """
+        x = self.check_input(x, min_ndim=2)
+        self.check_backend(backend, x)
+        if array_module(x) is not np:
+            raise ValueError("QET runs on NumPy arrays (Codes.to_numpy / cupy.asnumpy first)")
+        y = np.ascontiguousarray(x, dtype=np.float32)
+        heads = y.shape[:-2]
+        flat = y.reshape(-1, *y.shape[-2:])
+        layout = self.code_layout(y.shape)
+        arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.items()}
+        views = {name: a.reshape(-1, *a.shape[len(heads):]) for name, a in arrays.items()}
+        pieces = self._pieces(y.shape)
+        for h in range(flat.shape[0]):
+            for number, (prefix, b, start, rows) in enumerate(pieces):
+                block = self._encode_block(flat[h, start:start + rows],
+                                           self._rng(h * len(pieces) + number))
+                for name, value in block.items():
+                    target = views[prefix + name][h]
+                    if b >= 0:
+                        target[b] = value
+                    else:
+                        target[...] = value
+        return self.make_codes(x, arrays)
+
+    def decode(self, codes: Codes, *, backend: str | None = None) -> Any:
+        """Reconstruct ``x_hat : (..., tokens, dim)`` in the encoded dtype."""
+        self.check_codes(codes)
+        codes = codes.to_numpy()
+        shape = tuple(codes.shape)
+        heads = shape[:-2]
+        out = np.zeros((int(math.prod(heads)), shape[-2], self.dim), dtype=np.float32)
+        views = {name: a.reshape(-1, *a.shape[len(heads):]) for name, a in codes.arrays.items()}
+        for h in range(out.shape[0]):
+            for prefix, b, start, rows in self._pieces(shape):
+                block = {name[len(prefix):]: (v[h][b] if b >= 0 else v[h])
+                         for name, v in views.items()
+                         if name.startswith(prefix) and (prefix or not name.startswith("tail_"))}
+                out[h, start:start + rows] = self._decode_block(block, rows)
+        return out.reshape(shape).astype(codes.dtype, copy=False)
