@@ -22,7 +22,8 @@ consecutive tokens, ``(rows, dim)``. Three steps:
 
 ``K`` of each stage is the largest (at most the block's rows and 256) whose codebook, grid and
 codes fit the stage's share of ``bits * rows * dim``: the bits are exact and every part is
-counted. This module is the NumPy reference.
+counted. This module is the NumPy reference; ``backend="numba"`` (the default for NumPy inputs)
+runs k-means' nearest-codeword search and cluster sums in `latkv._cpu.kmeans`, bit-exact.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
 from latkv.registry import register
 
-MAX_CODEWORDS = 256
+MAX_CODEWORDS = 1 << 16
 GRID_BYTES = 8  # float32 minimum and step of a codebook's min-max grid
 
 
@@ -91,15 +92,49 @@ def disentangle(y: np.ndarray, indicators: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- k-means
 
 
-def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
+def nearest_codeword_reference(points: np.ndarray, codewords: np.ndarray) -> np.ndarray:
+    """Index of the nearest codeword of each point: ``sum_j (p_j - c_j)^2`` in float64,
+    accumulated in coordinate order; the lowest index wins ties.
+
+    ``points : (n, d)``, ``codewords : (k, d)`` float64 -> ``(n,)`` int64.
+    """
+    distances = np.zeros((points.shape[0], codewords.shape[0]), dtype=np.float64)
+    for j in range(points.shape[1]):
+        distances += (points[:, None, j] - codewords[None, :, j]) ** 2
+    return distances.argmin(axis=1)
+
+
+def cluster_sums_reference(points: np.ndarray, labels: np.ndarray,
+                           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums ``(k, d)`` (rows added in order) and counts ``(k,)``."""
+    sums = np.zeros((k, points.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, points)
+    return sums, np.bincount(labels, minlength=k).astype(np.int64)
+
+
+def _kernels(backend: str) -> tuple[Any, Any]:
+    if backend == "numba":
+        from latkv._cpu.kmeans import cluster_sums, nearest_codeword
+
+        return nearest_codeword, cluster_sums
+    return nearest_codeword_reference, cluster_sums_reference
+
+
+def nearest_codeword(points: np.ndarray, codewords: np.ndarray, backend: str = "numpy"
+                     ) -> np.ndarray:
+    """`nearest_codeword_reference` on ``backend`` (``"numpy"`` or ``"numba"``, bit-exact)."""
+    return _kernels(backend)[0](points, codewords)
+
+
+def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
+           backend: str = "numpy") -> np.ndarray:
     """Lloyd's k-means from ``k`` distinct rows drawn by ``rng``; an empty cluster keeps its
-    centroid. ``points : (n, d)`` float64 -> centroids ``(k, d)`` float64."""
+    centroid; stops early when no centroid moves. ``points : (n, d)`` float64 -> ``(k, d)``."""
+    nearest, sums_of = _kernels(backend)
     centroids = points[rng.choice(points.shape[0], size=k, replace=False)].copy()
     for _ in range(iterations):
-        labels = nearest_codeword(points, centroids)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, points)
-        counts = np.bincount(labels, minlength=k)
+        labels = nearest(points, centroids)
+        sums, counts = sums_of(points, labels, k)
         filled = counts > 0
         updated = centroids.copy()
         updated[filled] = sums[filled] / counts[filled, None]
@@ -107,12 +142,6 @@ def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator
             break
         centroids = updated
     return centroids
-
-
-def nearest_codeword(points: np.ndarray, codewords: np.ndarray) -> np.ndarray:
-    """Index of the nearest codeword (squared L2; lowest index on ties) of each point."""
-    distances = ((points[:, None, :] - codewords[None, :, :]) ** 2).sum(axis=-1)
-    return distances.argmin(axis=1)
 
 
 # --------------------------------------------------------------------------- budget
@@ -123,23 +152,60 @@ def code_bits(codewords: int) -> int:
     return max(1, (codewords - 1).bit_length())
 
 
+def wide_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` values of ``bits <= 16`` bits: a low and a high packed array."""
+    size = packed_length(count, min(bits, 8))
+    return size + (packed_length(count, bits - 8) if bits > 8 else 0)
+
+
+def wide_layout(name: str, lead: tuple[int, ...], count: int,
+                bits: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    layout = {f"{name}_low": ((*lead, packed_length(count, min(bits, 8))), "uint8")}
+    if bits > 8:
+        layout[f"{name}_high"] = ((*lead, packed_length(count, bits - 8)), "uint8")
+    return layout
+
+
+def pack_wide(name: str, values: np.ndarray, bits: int) -> dict[str, np.ndarray]:
+    """``values`` (unsigned, below ``2^bits``, ``bits <= 16``) as `wide_layout`'s arrays:
+    the low 8 bits (or all of them) packed at ``min(bits, 8)``, the rest at ``bits - 8``."""
+    values = values.reshape(-1).astype(np.uint16)
+    arrays = {f"{name}_low": pack_bits((values & 0xFF).astype(np.uint8), min(bits, 8),
+                                       backend="numpy", check=False)}
+    if bits > 8:
+        arrays[f"{name}_high"] = pack_bits((values >> 8).astype(np.uint8), bits - 8,
+                                           backend="numpy", check=False)
+    return arrays
+
+
+def unpack_wide(arrays: dict[str, np.ndarray], name: str, bits: int, count: int) -> np.ndarray:
+    """The inverse of `pack_wide`: ``(count,)`` uint16."""
+    values = unpack_bits(arrays[f"{name}_low"], min(bits, 8), count,
+                         backend="numpy").astype(np.uint16)
+    if bits > 8:
+        high = unpack_bits(arrays[f"{name}_high"], bits - 8, count, backend="numpy")
+        values |= high.astype(np.uint16) << 8
+    return values
+
+
 def stage_bits(rows: int, dim: int, subspaces: int, codewords: int, codebook_bits: int) -> int:
     """Exact bits of one product-quantizer stage of a block (codebook, grid, codes)."""
-    codebook = packed_length(codewords * dim, min(codebook_bits, 8)) * 8
-    if codebook_bits > 8:
-        codebook += packed_length(codewords * dim, codebook_bits - 8) * 8
-    codes = packed_length(rows * subspaces, code_bits(codewords)) * 8
-    return codebook + 8 * GRID_BYTES + codes
+    return 8 * (wide_bytes(codewords * dim, codebook_bits) + GRID_BYTES
+                + wide_bytes(rows * subspaces, code_bits(codewords)))
 
 
 def choose_codewords(budget: float, rows: int, dim: int, subspaces: int,
                      codebook_bits: int) -> int:
-    """The largest ``K <= min(rows, 256)`` whose stage fits ``budget`` bits (1 if none)."""
-    best = 1
-    for k in range(1, min(rows, MAX_CODEWORDS) + 1):
-        if stage_bits(rows, dim, subspaces, k, codebook_bits) <= budget:
-            best = k
-    return best
+    """The largest ``K <= min(rows, 2^16)`` whose stage fits ``budget`` bits (1 if none);
+    the stage's size never falls as ``K`` grows, so a bisection finds it."""
+    low, high = 1, min(rows, MAX_CODEWORDS)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if stage_bits(rows, dim, subspaces, middle, codebook_bits) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 # --------------------------------------------------------------------------- one stage
@@ -161,8 +227,8 @@ def codebook_values(levels: np.ndarray, minimum: Any, step: Any) -> np.ndarray:
 
 
 def fit_stage(y: np.ndarray, subspaces: int, codewords: int, codebook_bits: int,
-              iterations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
-                                                                  np.float32, np.float32]:
+              iterations: int, rng: np.random.Generator, backend: str = "numpy"
+              ) -> tuple[np.ndarray, np.ndarray, np.float32, np.float32]:
     """Fit and apply one product quantizer to ``y : (rows, dim)`` float32.
 
     Returns ``(codes (rows, subspaces), levels (subspaces, K, dim / subspaces), minimum,
@@ -171,12 +237,12 @@ def fit_stage(y: np.ndarray, subspaces: int, codewords: int, codebook_bits: int,
     rows, dim = y.shape
     width = dim // subspaces
     blocks = y.astype(np.float64).reshape(rows, subspaces, width)
-    codebook = np.stack([kmeans(blocks[:, m], codewords, iterations, rng)
-                         for m in range(subspaces)])
+    codebook = np.stack([kmeans(np.ascontiguousarray(blocks[:, m]), codewords, iterations,
+                                rng, backend) for m in range(subspaces)])
     levels, minimum, step = quantize_codebook(codebook, codebook_bits)
     values = codebook_values(levels, minimum, step).astype(np.float64)
-    codes = np.stack([nearest_codeword(blocks[:, m], values[m]) for m in range(subspaces)],
-                     axis=1)
+    codes = np.stack([nearest_codeword(np.ascontiguousarray(blocks[:, m]), values[m], backend)
+                      for m in range(subspaces)], axis=1)
     return codes, levels, minimum, step
 
 
@@ -245,7 +311,7 @@ class QET(Quantizer):
     iterations: int = 20
     seed: int = 0
 
-    backends = ("numpy",)
+    backends = ("numpy", "numba")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 2))
@@ -261,6 +327,8 @@ class QET(Quantizer):
             raise ValueError(f"dim ({self.dim}) must be a multiple of 2^layers "
                              f"({1 << self.layers}) and of subspaces ({self.subspaces})")
         share = self.stage_share
+        if isinstance(share, (int, float)) and not isinstance(share, bool):
+            share = (share,)
         if isinstance(share, str):
             try:
                 share = [float(v) for v in share.split("-")]
@@ -295,15 +363,11 @@ class QET(Quantizer):
             layout[prefix + "indicators"] = (
                 (*heads, packed_length(self.layers * rows * self.dim // 2, 1)), "uint8")
         for s, k in enumerate(self.codewords(rows)):
-            count = k * self.dim
-            layout[f"{prefix}codebook{s}_low"] = (
-                (*heads, packed_length(count, min(self.codebook_bits, 8))), "uint8")
-            if self.codebook_bits > 8:
-                layout[f"{prefix}codebook{s}_high"] = (
-                    (*heads, packed_length(count, self.codebook_bits - 8)), "uint8")
+            layout.update(wide_layout(f"{prefix}codebook{s}", heads, k * self.dim,
+                                      self.codebook_bits))
             layout[f"{prefix}grid{s}"] = ((*heads, 2), "float32")
-            layout[f"{prefix}codes{s}"] = (
-                (*heads, packed_length(rows * self.subspaces, code_bits(k))), "uint8")
+            layout.update(wide_layout(f"{prefix}codes{s}", heads, rows * self.subspaces,
+                                      code_bits(k)))
         return layout
 
     def _blocks(self, tokens: int) -> tuple[int, int]:
@@ -332,7 +396,8 @@ class QET(Quantizer):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed, index]))
 
-    def _encode_block(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def _encode_block(self, x: np.ndarray, rng: np.random.Generator,
+                      backend: str) -> dict[str, np.ndarray]:
         rows = x.shape[0]
         arrays: dict[str, np.ndarray] = {}
         reordered, indicators = entangle(x, self.layers)
@@ -342,18 +407,11 @@ class QET(Quantizer):
         target = reordered
         for s, k in enumerate(self.codewords(rows)):
             codes, levels, minimum, step = fit_stage(target, self.subspaces, k,
-                                                     self.codebook_bits, self.iterations, rng)
-            flat = levels.reshape(-1)
-            low = min(self.codebook_bits, 8)
-            arrays[f"codebook{s}_low"] = pack_bits((flat & 0xFF).astype(np.uint8), low,
-                                                   backend="numpy", check=False)
-            if self.codebook_bits > 8:
-                arrays[f"codebook{s}_high"] = pack_bits((flat >> 8).astype(np.uint8),
-                                                        self.codebook_bits - 8,
-                                                        backend="numpy", check=False)
+                                                     self.codebook_bits, self.iterations, rng,
+                                                     backend)
+            arrays.update(pack_wide(f"codebook{s}", levels, self.codebook_bits))
             arrays[f"grid{s}"] = np.array([minimum, step], dtype=np.float32)
-            arrays[f"codes{s}"] = pack_bits(codes.reshape(-1).astype(np.uint8), code_bits(k),
-                                            backend="numpy", check=False)
+            arrays.update(pack_wide(f"codes{s}", codes, code_bits(k)))
             target = target - stage_reconstruction(codes, levels, minimum, step)
         return arrays
 
@@ -361,15 +419,9 @@ class QET(Quantizer):
         width = self.dim // self.subspaces
         total = np.zeros((rows, self.dim), dtype=np.float32)
         for s, k in enumerate(self.codewords(rows)):
-            count = k * self.dim
-            levels = unpack_bits(arrays[f"codebook{s}_low"], min(self.codebook_bits, 8), count,
-                                 backend="numpy").astype(np.uint16)
-            if self.codebook_bits > 8:
-                high = unpack_bits(arrays[f"codebook{s}_high"], self.codebook_bits - 8, count,
-                                   backend="numpy").astype(np.uint16)
-                levels = levels | (high << 8)
-            codes = unpack_bits(arrays[f"codes{s}"], code_bits(k), rows * self.subspaces,
-                                backend="numpy").astype(np.int64).reshape(rows, self.subspaces)
+            levels = unpack_wide(arrays, f"codebook{s}", self.codebook_bits, k * self.dim)
+            codes = unpack_wide(arrays, f"codes{s}", code_bits(k), rows * self.subspaces
+                                ).astype(np.int64).reshape(rows, self.subspaces)
             if bool((codes >= k).any()):
                 raise ValueError(f"codes array 'codes{s}' holds codeword indices of {k} or more")
             minimum, step = arrays[f"grid{s}"]
@@ -400,7 +452,7 @@ class QET(Quantizer):
             The arrays of ``code_layout(x.shape)``.
         """
         x = self.check_input(x, min_ndim=2)
-        self.check_backend(backend, x)
+        backend = self.check_backend(backend, x)
         if array_module(x) is not np:
             raise ValueError("QET runs on NumPy arrays (Codes.to_numpy / cupy.asnumpy first)")
         y = np.ascontiguousarray(x, dtype=np.float32)
@@ -413,7 +465,7 @@ class QET(Quantizer):
         for h in range(flat.shape[0]):
             for number, (prefix, b, start, rows) in enumerate(pieces):
                 block = self._encode_block(flat[h, start:start + rows],
-                                           self._rng(h * len(pieces) + number))
+                                           self._rng(h * len(pieces) + number), backend)
                 for name, value in block.items():
                     target = views[prefix + name][h]
                     if b >= 0:

@@ -64,11 +64,11 @@ def test_codes_are_the_nearest_quantized_codewords():
     x = np.random.default_rng(3).standard_normal((1, 128, 32)).astype(np.float32)
     codes = qz.encode(x)
     (k,) = qz.codewords(128)
-    levels = unpack_bits(codes["codebook0_low"][0, 0], 8, k * 32).astype(np.uint16)
-    levels |= unpack_bits(codes["codebook0_high"][0, 0], 2, k * 32).astype(np.uint16) << 8
+    arrays = {name: a[0, 0] for name, a in codes.arrays.items()}
+    levels = qet.unpack_wide(arrays, "codebook0", 10, k * 32)
     minimum, step = codes["grid0"][0, 0]
     values = qet.codebook_values(levels, minimum, step).reshape(4, k, 8).astype(np.float64)
-    assigned = unpack_bits(codes["codes0"][0, 0], qet.code_bits(k), 128 * 4).reshape(128, 4)
+    assigned = unpack_bits(codes["codes0_low"][0, 0], qet.code_bits(k), 128 * 4).reshape(128, 4)
     reordered, _ = qet.entangle(x[0], 3)
     for m in range(4):
         target = reordered[:, 8 * m:8 * m + 8].astype(np.float64)
@@ -108,7 +108,7 @@ def test_corrupted_codes_are_refused():
     codes = qz.encode(x)
     assert qz.codewords(64)[0] == 12      # 4-bit codes, so 15 is out of range
     arrays = dict(codes.arrays)
-    arrays["tail_codes0"] = np.full_like(arrays["tail_codes0"], 255)
+    arrays["tail_codes0_low"] = np.full_like(arrays["tail_codes0_low"], 255)
     bad = latkv.Codes(codes.method, codes.params, codes.shape, codes.dtype, arrays)
     with pytest.raises(ValueError, match="codeword indices"):
         qz.decode(bad)
@@ -131,3 +131,40 @@ def test_bad_parameters(kwargs, error, match):
 def test_needs_a_token_axis():
     with pytest.raises(ValueError, match="2 axes"):
         latkv.QET(dim=16, bits=4).encode(np.zeros(16, np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 16), count=st.integers(0, 50), data=st.data())
+def test_wide_packing_round_trips(bits, count, data):
+    values = np.array(data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=count,
+                                         max_size=count)), dtype=np.uint16)
+    arrays = qet.pack_wide("x", values, bits)
+    assert set(arrays) == set(qet.wide_layout("x", (), count, bits))
+    assert sum(a.nbytes for a in arrays.values()) == qet.wide_bytes(count, bits)
+    assert np.array_equal(qet.unpack_wide(arrays, "x", bits, count), values)
+
+
+@pytest.mark.parametrize("n, k, d", [(50, 7, 3), (3000, 40, 16), (70000, 3, 1)])
+def test_numba_kmeans_kernels_are_bit_exact(n, k, d):
+    from latkv._cpu import kmeans as fast
+
+    rng = np.random.default_rng(n)
+    for points in (rng.standard_normal((n, d)),
+                   rng.integers(-2, 3, (n, d)).astype(np.float64)):   # many exact ties
+        codewords = points[rng.choice(n, k, replace=False)] + 0.0
+        codewords[-1] = codewords[0]                                   # a duplicate codeword
+        labels = qet.nearest_codeword_reference(points, codewords)
+        assert np.array_equal(fast.nearest_codeword(points, codewords), labels)
+        sums, counts = qet.cluster_sums_reference(points, labels, k)
+        fast_sums, fast_counts = fast.cluster_sums(points, labels, k)
+        assert np.array_equal(fast_sums, sums) and np.array_equal(fast_counts, counts)
+
+
+def test_large_blocks_use_wide_codes():
+    qz = latkv.QET(dim=8, bits=6, layers=0, block=1024, subspaces=1, codebook_bits=8)
+    (k0, k1) = qz.codewords(1024)
+    assert k0 > 256 and qet.code_bits(k0) == 9          # codes of 9 bits: a low and high part
+    x = np.random.default_rng(6).standard_normal((1, 1024, 8)).astype(np.float32)
+    codes = qz.encode(x)
+    assert 8 * codes.nbytes / x.size <= 6
+    assert np.array_equal(qz.decode(codes), qz.decode(qz.encode(x, backend="numpy")))
