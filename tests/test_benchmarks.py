@@ -67,3 +67,18 @@ def test_e8_rate_distortion_quick_run(tmp_path):
     # n = 1000 pays more for the stored model than the full run (which gets 0.16 bits)
     best = document["best_e8_gap"]
     assert 1 <= best["rate"] <= 3 and best["gap_bits"] < 0.3
+
+
+def test_qet_study_quick_run(tmp_path):
+    out = tmp_path / "qet.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qet_study.py"),
+                             "--quick", "--blocks", "128", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    methods = {row["method"] for row in rows}
+    assert {"PQ M=4", "QET M=4", "PQ best M", "QET best M", "TurboQuant"} <= methods
+    # every QET / PQ configuration stays within its bit budget
+    for row in rows:
+        if row["method"].startswith(("PQ", "QET")):
+            assert row["bits"] <= row["target_bits"] + 1e-9
