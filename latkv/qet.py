@@ -20,9 +20,9 @@ consecutive tokens, ``(rows, dim)``. Three steps:
    residual ``x - x_hat``; the budget left after the indicator bits is split between the stages
    as ``stage_share`` (the code's default 0.7 / 0.3).
 
-``K`` of each stage is the largest (at most the block's rows and 256) whose codebook, grid and
-codes fit the stage's share of ``bits * rows * dim``: the bits are exact and every part is
-counted. This module is the NumPy reference; ``backend="numba"`` (the default for NumPy inputs)
+``K`` of each stage is the largest (at most the block's rows and ``2^16``) whose codebook,
+grid and codes fit the stage's share of ``bits * rows * dim`` (1 if none does: a block too short
+for the budget then exceeds it): the bits are exact and every part is counted. This module is the NumPy reference; ``backend="numba"`` (the default for NumPy inputs)
 runs k-means' nearest-codeword search and cluster sums in `latkv._cpu.kmeans`, bit-exact.
 """
 
