@@ -26,7 +26,8 @@ def test_compare_json_rows(tmp_path):
     assert rows["scalar:4"]["bits_per_coordinate"] == 4 + 32 / 32
     # the measured bytes are the quantizers' exact sizes on the sample's sequences; per-sequence
     # statistics (counted over a 128-token prefill) and KIVI's 128-token key groups make them
-    # differ from the nominal per-vector figure on 160-token sequences
+    # differ from the nominal per-vector figure on 160-token sequences, as do QET's 32-token
+    # tail blocks (their own codebooks) and entropy-coded streams
     data = load_sample()
     for row in document["rows"]:
         if row["method"] == "fp16":
@@ -43,7 +44,7 @@ def test_compare_json_rows(tmp_path):
                                else qz.encoded_nbytes(array.shape))
                     coordinates += array.size
         assert row["measured_bits_per_coordinate"] == pytest.approx(8 * stored / coordinates)
-        if not re.search(r"center=True|outlier|group=128|entropy=True", row["spec"]):
+        if not re.search(r"center=True|outlier|group=128|entropy=True|^qet", row["spec"]):
             assert row["measured_bits_per_coordinate"] == row["bits_per_coordinate"]
     # more bits, less error; fp16 is nearly exact
     assert rows["scalar:4"]["attention_error"] < rows["scalar:2"]["attention_error"]
