@@ -103,23 +103,30 @@ __global__ void nearest_d8(const float* __restrict__ x, float* __restrict__ out,
     }
 }
 
+// lambda = the nearest E8 point of v: the nearer of the D8 point of v and the D8 point of
+// v - 1/2 plus 1/2 (a tie goes to D8). voronoi.cu includes this file and uses it too.
+__device__ __forceinline__ void nearest_e8_point(const float (&v)[8], float (&lambda)[8]) {
+    float shifted[8], coset[8];
+    nearest_d8_point(v, lambda);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) shifted[i] = __fsub_rn(v[i], 0.5f);
+    nearest_d8_point(shifted, coset);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) coset[i] = __fadd_rn(coset[i], 0.5f);
+    const bool keep = squared_distance(v, lambda) <= squared_distance(v, coset);  // tie: D8
+#pragma unroll
+    for (int i = 0; i < 8; ++i) lambda[i] = keep ? lambda[i] : coset[i];
+}
+
 __global__ void nearest_e8(const float* __restrict__ x, float* __restrict__ out,
                            long long rows) {
     const bool vector = aligned_16(x, out);
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < rows;
          row += stride) {
-        float v[8], shifted[8], integer[8], coset[8];
+        float v[8], lambda[8];
         load_row(x + row * 8, vector, v);
-        nearest_d8_point(v, integer);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) shifted[i] = __fsub_rn(v[i], 0.5f);
-        nearest_d8_point(shifted, coset);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) coset[i] = __fadd_rn(coset[i], 0.5f);
-        const bool keep = squared_distance(v, integer) <= squared_distance(v, coset);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) integer[i] = keep ? integer[i] : coset[i];
-        store_row(out + row * 8, vector, integer);
+        nearest_e8_point(v, lambda);
+        store_row(out + row * 8, vector, lambda);
     }
 }

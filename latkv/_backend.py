@@ -87,6 +87,16 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("nearest_d8", "numba"): "latkv._cpu.lattice:nearest_d8",
     ("nearest_d8", "cupy"): "latkv._gpu.cupy_lattice:nearest_d8",
     ("nearest_d8", "numba.cuda"): "latkv._gpu.numba_lattice:nearest_d8",
+    # E8Quant's fixed-rate Voronoi code: (scale, labels) of rotated (n, dim) float32 vectors
+    # on a float16 scale ladder, and the scaled code points of (labels, scale)
+    ("voronoi_encode", "numpy"): "latkv.e8:voronoi_encode_reference",
+    ("voronoi_encode", "numba"): "latkv._cpu.voronoi:voronoi_encode",
+    ("voronoi_encode", "cupy"): "latkv._gpu.cupy_voronoi:voronoi_encode",
+    ("voronoi_encode", "numba.cuda"): "latkv._gpu.numba_voronoi:voronoi_encode",
+    ("voronoi_decode", "numpy"): "latkv.e8:voronoi_decode_reference",
+    ("voronoi_decode", "numba"): "latkv._cpu.voronoi:voronoi_decode",
+    ("voronoi_decode", "cupy"): "latkv._gpu.cupy_voronoi:voronoi_decode",
+    ("voronoi_decode", "numba.cuda"): "latkv._gpu.numba_voronoi:voronoi_decode",
     # QJL: <q, 2 bits - 1> from packed sign bits
     ("sign_scores", "numpy"): "latkv.qjl:sign_scores_reference",
     ("sign_scores", "numba"): "latkv._cpu.sign_sketch:sign_scores",

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from latkv import entropy
-from latkv._backend import array_module, resolve_backend
+from latkv._backend import array_module, implementation, resolve_backend
 from latkv.channel_split import ChannelSplitQuantizer
 from latkv.channel_transform import ChannelTransform
 from latkv.checks import check_bits, check_choice, check_int
@@ -212,6 +212,16 @@ def voronoi_encode_reference(rotated: Any, multipliers: Any, bits: int, *,
     return scale_candidate(base, multipliers[chosen]), labels.astype(xp.uint8)
 
 
+def voronoi_decode_reference(labels: Any, scale: Any, bits: int, *,
+                             backend: str = "numpy") -> Any:
+    """The code points of ``labels : (n, dim)`` (uint8, below ``2^bits``) times ``scale :
+    (n,)`` float32: `voronoi_points` of each group times its vector's scale, ``(n, dim)``
+    float32 (``backend``: where `nearest_e8` runs)."""
+    n, dim = labels.shape
+    points = voronoi_points(labels.reshape(n, dim // 8, 8), bits, backend=backend)
+    return (points * scale[:, None, None]).reshape(n, dim)
+
+
 # --------------------------------------------------------------------------- lattice symbols
 
 
@@ -304,8 +314,8 @@ class E8Stage:
             raise ValueError(f"x holds values too large for a float16 scale at bits={bits} "
                              f"(max |rotated x| must stay below "
                              f"{LARGEST_SCALE * (1 << bits) / multipliers[-1]:.4g})")
-        scale, labels = voronoi_encode_reference(
-            flat, multipliers if xp is np else xp.asarray(multipliers), bits, backend=backend)
+        scale, labels = implementation("voronoi_encode", backend)(
+            flat, multipliers if xp is np else xp.asarray(multipliers), bits)
         packed = pack_bits(labels, bits, backend=backend, check=False)
         return {"labels": packed.reshape(*lead, packed.shape[-1]),
                 "scale": scale.astype(xp.float16).reshape(lead)}
@@ -317,9 +327,9 @@ class E8Stage:
         bits = int(self.bits)
         labels = unpack_bits(xp.ascontiguousarray(packed.reshape(-1, packed.shape[-1])), bits,
                              self.dim, backend=backend)
-        points = voronoi_points(labels.reshape(-1, self.dim // 8, 8), bits, backend=backend)
         scale = arrays["scale"].astype(xp.float32).reshape(-1)
-        return (points * scale[:, None, None]).reshape(*lead, self.dim)
+        points = implementation("voronoi_decode", backend)(labels, scale, bits)
+        return points.reshape(*lead, self.dim)
 
     # -- entropy coded -----------------------------------------------------------------------
 

@@ -67,32 +67,36 @@ def _nearest_d8_rows(x, out):
         _d8_block(x, out, task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK))
 
 
+@njit(inline="always")
+def nearest_e8_point(v, point, shifted, coset):
+    """``point[:8] =`` the nearest E8 point of the float32 8-vector ``v`` (module rules);
+    ``shifted``, ``coset``: work buffers of 8 float32."""
+    half = np.float32(0.5)
+    _nearest_d8_point(v, point)
+    for i in range(8):
+        shifted[i] = v[i] - half
+    _nearest_d8_point(shifted, coset)
+    integer_distance = 0.0
+    coset_distance = 0.0
+    for i in range(8):
+        c = coset[i] + half
+        coset[i] = c
+        a = np.float64(v[i] - point[i])
+        integer_distance = integer_distance + a * a
+        b = np.float64(v[i] - c)
+        coset_distance = coset_distance + b * b
+    if not integer_distance <= coset_distance:  # a tie goes to D8
+        for i in range(8):
+            point[i] = coset[i]
+
+
 @njit(cache=True)
 def _e8_block(x, out, start, stop):
     """Rows ``start:stop`` of `_nearest_e8_rows` (one task), with their work buffers."""
-    half = np.float32(0.5)
     shifted = np.empty(8, np.float32)
-    integer = np.empty(8, np.float32)
     coset = np.empty(8, np.float32)
     for row in range(start, stop):
-        v = x[row]
-        _nearest_d8_point(v, integer)
-        for i in range(8):
-            shifted[i] = v[i] - half
-        _nearest_d8_point(shifted, coset)
-        integer_distance = 0.0
-        coset_distance = 0.0
-        for i in range(8):
-            c = coset[i] + half
-            coset[i] = c
-            a = np.float64(v[i] - integer[i])
-            integer_distance = integer_distance + a * a
-            b = np.float64(v[i] - c)
-            coset_distance = coset_distance + b * b
-        target = out[row]
-        keep = integer_distance <= coset_distance   # a tie goes to D8
-        for i in range(8):
-            target[i] = integer[i] if keep else coset[i]
+        nearest_e8_point(x[row], out[row], shifted, coset)
 
 
 @njit(parallel=True, cache=True)

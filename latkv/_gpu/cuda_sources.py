@@ -4,10 +4,16 @@ Head dim and bit width are template parameters, instantiated by name (NVRTC name
 expressions), never ``#define`` constants. ``KERNELS`` is the one list of what the library
 instantiates: the CuPy loader compiles from it, and CI compiles every entry with NVRTC for
 sm_80 and sm_90 (``python -m latkv._gpu.nvrtc``), so a kernel that does not compile fails CI.
+
+A source may start from another one's device functions with a line ``#include "other.cu"``:
+`source` replaces it with the text of that file (once per file, recursively), so the CuPy
+loader and NVRTC compile one self-contained text and each device function has one definition
+(``voronoi.cu`` reuses the nearest-point code of ``lattice.cu`` this way).
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 # Largest Hadamard length the kernels instantiate: 2**MAX_LOG_SIZE.
@@ -25,6 +31,8 @@ KERNELS: dict[str, tuple[str, ...]] = {
                          for b in range(1, 9)),
     "sign_sketch.cu": ("sign_scores",),
     "lattice.cu": ("nearest_d8", "nearest_e8"),
+    "voronoi.cu": tuple(f"{kernel}<{b}>" for kernel in ("voronoi_encode", "voronoi_decode")
+                        for b in range(1, 9)),
     "polar.cu": tuple(f"{kernel}<{levels}>"
                       for kernel in ("polar_quantize", "polar_dequantize")
                       for levels in range(1, MAX_POLAR_LEVELS + 1)),
@@ -32,12 +40,32 @@ KERNELS: dict[str, tuple[str, ...]] = {
 
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
+# a whole line `#include "name.cu"`: another source of cuda_kernels/, inlined by `source`
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cu)"[ \t]*$', re.MULTILINE)
+
+
+def _read(file_name: str) -> str:
+    return resources.files("latkv.cuda_kernels").joinpath(file_name).read_text()
+
+
+def _expand(file_name: str, included: set[str]) -> str:
+    included.add(file_name)
+
+    def include(match: re.Match) -> str:
+        name = match.group(1)
+        if name in included:
+            return f"// {name} is already included above"
+        return f"// ---- {name}\n{_expand(name, included)}\n// ---- end of {name}"
+
+    return _INCLUDE.sub(include, _read(file_name))
+
 
 def source(file_name: str) -> str:
-    """The text of ``cuda_kernels/<file_name>``, read from the installed package."""
+    """The text of ``cuda_kernels/<file_name>``, read from the installed package, with its
+    ``#include "other.cu"`` lines replaced by those files' texts."""
     if file_name not in KERNELS:
         raise ValueError(f"unknown CUDA source {file_name!r}; known: {sorted(KERNELS)}")
-    return resources.files("latkv.cuda_kernels").joinpath(file_name).read_text()
+    return _expand(file_name, set())
 
 
 def source_files() -> list[str]:

@@ -94,28 +94,36 @@ def _nearest_d8_kernel(x, out):
         row += stride
 
 
+@cuda.jit(device=True)
+def nearest_e8_point(v, point, shifted, coset):
+    """``point[:8] =`` the nearest E8 point of ``v``; ``shifted``, ``coset``: work arrays."""
+    half = float32(0.5)
+    for i in range(8):
+        shifted[i] = v[i] - half
+    _nearest_d8_point(v, point)
+    _nearest_d8_point(shifted, coset)
+    for i in range(8):
+        coset[i] = coset[i] + half
+    keep = _squared_distance(v, point) <= _squared_distance(v, coset)  # tie: D8
+    for i in range(8):
+        point[i] = point[i] if keep else coset[i]
+
+
 @cuda.jit
 def _nearest_e8_kernel(x, out):
     v = cuda.local.array(8, float32)
     shifted = cuda.local.array(8, float32)
-    integer = cuda.local.array(8, float32)
+    point = cuda.local.array(8, float32)
     coset = cuda.local.array(8, float32)
-    half = float32(0.5)
     rows = x.shape[0]
     row = cuda.grid(1)
     stride = cuda.gridsize(1)
     while row < rows:
         for i in range(8):
             v[i] = x[row, i]
+        nearest_e8_point(v, point, shifted, coset)
         for i in range(8):
-            shifted[i] = v[i] - half
-        _nearest_d8_point(v, integer)
-        _nearest_d8_point(shifted, coset)
-        for i in range(8):
-            coset[i] = coset[i] + half
-        keep = _squared_distance(v, integer) <= _squared_distance(v, coset)  # tie: D8
-        for i in range(8):
-            out[row, i] = integer[i] if keep else coset[i]
+            out[row, i] = point[i]
         row += stride
 
 
