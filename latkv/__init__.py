@@ -5,6 +5,7 @@ Every quantizer is a frozen config with ``encode``, ``decode``, ``scores``, ``co
 string, and ``latkv.save`` / ``latkv.load`` store its ``Codes``.
 """
 
+from latkv.cache import KVCache
 from latkv.container import Codes, load, save
 from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
@@ -24,6 +25,7 @@ __all__ = [
     "Codes",
     "E8Quant",
     "Hadamard",
+    "KVCache",
     "PolarQuant",
     "QET",
     "QJL",
