@@ -16,8 +16,8 @@ Fixed rate (``entropy=False``): a Voronoi code
     decoded as ``y - q nearest_e8((y - a) / q)`` with ``y = k G``.
 
     Each vector stores one float16 scale ``s``: the smallest of a fixed ladder of candidates
-    (`voronoi_encode_reference`) at which *every* group's nearest lattice point ``nearest_e8(x / s)``
-    lies in ``C_b`` (no overload). Since ``C_b`` is part of E8, that point is then the exact
+    (`voronoi_encode_reference`) at which *every* group's nearest lattice point
+    ``nearest_e8(x / s)`` lies in ``C_b`` (no overload). Since ``C_b`` is part of E8, that point is then the exact
     nearest codebook point. Why a Voronoi code and not the ``2^(8b)`` shortest vectors or
     QuIP#'s E8P: it exists for every ``b`` (E8P is a 2-bit construction, and a shell-ordered
     codebook of ``2^24`` points has no exact search cheaper than enumeration), encoding and

@@ -28,6 +28,37 @@ def quantized_kv_transform(key_quantizer: Any, value_quantizer: Any,
     return transform
 
 
+def streaming_negative_log_likelihoods(model: Any, ids: Any, key_quantizer: Any,
+                                       value_quantizer: Any, *, residual: int = 128,
+                                       block: int = 128) -> np.ndarray:
+    """``-log p(ids[t+1] | ids[:t+1])`` decoding one token at a time through a `latkv.KVCache`
+    per layer: each token's key and value are appended as it is produced, older blocks are
+    compressed as they age out of the ``residual`` window, and every step attends from the
+    codes (`latkv.KVCache.attention`). ``ids : (T,)`` -> float64 ``(T - 1,)``.
+
+    Unlike ``kv_transform``, which quantizes a whole window before any query reads it, every
+    query here sees the cache as a decoder would at its step: its newest ``residual`` or more
+    tokens exact.
+    """
+    from latkv.cache import KVCache
+
+    ids = model.check_ids(ids)
+    caches = [KVCache(key_quantizer, value_quantizer, residual=residual, block=block)
+              for _ in range(model.config.n_layers)]
+
+    def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        caches[layer].append(k[None], v[None])
+        return caches[layer].attention(q[None])[0]
+
+    nll = np.empty(ids.size - 1, dtype=np.float64)
+    for t in range(ids.size - 1):
+        logits, _ = model.forward(ids[t:t + 1], attend=attend, start=t, logits="last")
+        row = logits[-1].astype(np.float64)
+        top = row.max()
+        nll[t] = top + np.log(np.exp(row - top).sum()) - row[ids[t + 1]]
+    return nll
+
+
 def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callable | None = None,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of ``model`` on ``ids`` cut into whole windows of ``window`` tokens.

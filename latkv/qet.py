@@ -22,7 +22,9 @@ consecutive tokens, ``(rows, dim)``. Three steps:
 
 ``K`` of each stage is the largest (at most the block's rows and ``2^16``) whose codebook,
 grid and codes fit the stage's share of ``bits * rows * dim`` (1 if none does: a block too short
-for the budget then exceeds it): the bits are exact and every part is counted. This module is the NumPy reference; ``backend="numba"`` (the default for NumPy inputs)
+for the budget then exceeds it): the bits are exact and every part is counted.
+
+This module is the NumPy reference; ``backend="numba"`` (the default for NumPy inputs)
 runs k-means' nearest-codeword search and cluster sums in `latkv._cpu.kmeans`, bit-exact.
 """
 

@@ -33,6 +33,9 @@ from latkv.llm.gguf_model import (
 from latkv.llm.rope import apply_rope, rope_angles
 
 KVTransform = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``(layer, q, k, v) -> attended``: attention over a cache the caller keeps (q ``(H, T, d)``,
+#: the new tokens' k and v ``(H_kv, T, d)``), returning ``(H, T, d)``
+Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -158,7 +161,8 @@ class Model:
 
     def forward(self, ids: Any, *, kv_transform: KVTransform | None = None,
                 capture: bool = False, cache: list[LayerCache] | None = None,
-                logits: str = "all") -> tuple[np.ndarray, list[LayerCache]]:
+                logits: str = "all", attend: Attend | None = None,
+                start: int | None = None) -> tuple[np.ndarray, list[LayerCache]]:
         """Run the decoder on ``ids`` (positions continue after ``cache`` if given).
 
         Parameters
@@ -172,6 +176,13 @@ class Model:
             Keys and values of earlier positions (from a previous call with ``capture``
             or from `generate`); the new tokens attend to them.
         logits : {"all", "last"}
+        attend : callable, optional
+            Replaces the attention over ``cache``: ``attend(layer, q, k, v)`` receives the
+            new tokens' queries, keys and values (after ``kv_transform``) and returns the
+            attended ``(n_heads, T, d)``; it keeps the earlier keys and values itself (a
+            `latkv.KVCache` per layer). Use ``start`` for the position of the first new token.
+        start : int, optional
+            Position of the first new token (default: after ``cache``, or 0).
 
         Returns
         -------
@@ -180,7 +191,8 @@ class Model:
             The new tokens' caches when ``capture`` (else empty).
         """
         c = self.config
-        start = 0 if not cache else cache[0].k.shape[1]
+        if start is None:
+            start = 0 if not cache else cache[0].k.shape[1]
         ids = self.check_ids(ids, start)
         positions = np.arange(start, start + ids.size)
         cos, sin = rope_angles(positions, c.rope_dim, c.rope_base, c.rope_scale)
@@ -205,7 +217,10 @@ class Model:
             if cache:
                 keys = np.concatenate([cache[index].k, k], axis=1)
                 values = np.concatenate([cache[index].v, v], axis=1)
-            attended = causal_attention(q, keys, values, positions)
+            if attend is not None:
+                attended = np.asarray(attend(index, q, k, v), dtype=np.float32)
+            else:
+                attended = causal_attention(q, keys, values, positions)
             x = x + attended.transpose(1, 0, 2).reshape(ids.size, -1) @ layer.wo.T
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
             x = x + (silu(h @ layer.w_gate.T) * (h @ layer.w_up.T)) @ layer.w_down.T
