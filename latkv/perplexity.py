@@ -60,7 +60,8 @@ def streaming_negative_log_likelihoods(model: Any, ids: Any, key_quantizer: Any,
 
 
 def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callable | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None,
+               cache: tuple[Any, Any, int, int] | None = None) -> dict[str, Any]:
     """Perplexity of ``model`` on ``ids`` cut into whole windows of ``window`` tokens.
 
     Parameters
@@ -74,6 +75,10 @@ def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callabl
         See `latkv.llm.Model.forward`; `quantized_kv_transform` builds one.
     progress : callable, optional
         ``progress(done, total)`` after each window.
+    cache : (key_quantizer, value_quantizer, residual, block), optional
+        Decode each window token by token through a `latkv.KVCache` per layer
+        (`streaming_negative_log_likelihoods`) instead of one forward pass; excludes
+        ``kv_transform``.
 
     Returns
     -------
@@ -85,13 +90,20 @@ def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callabl
         raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     if not 2 <= window <= model.config.context_length:
         raise ValueError(f"window must lie in [2, {model.config.context_length}], got {window}")
+    if cache is not None and kv_transform is not None:
+        raise ValueError("give kv_transform or cache, not both")
     windows = ids.size // window
     if windows < 1:
         raise ValueError(f"the text has {ids.size} tokens, fewer than one window of {window}")
     losses = []
     for index in range(windows):
         piece = ids[index * window : (index + 1) * window]
-        losses.append(model.negative_log_likelihoods(piece, kv_transform=kv_transform))
+        if cache is not None:
+            key_quantizer, value_quantizer, residual, block = cache
+            losses.append(streaming_negative_log_likelihoods(
+                model, piece, key_quantizer, value_quantizer, residual=residual, block=block))
+        else:
+            losses.append(model.negative_log_likelihoods(piece, kv_transform=kv_transform))
         if progress is not None:
             progress(index + 1, windows)
     nll = np.concatenate(losses)

@@ -95,6 +95,14 @@ def test_cli_capture_compare_stats_perplexity(tiny_path, tmp_path, capsys):
     ppl = json.loads(ppl_file.read_text())["rows"]
     assert [row["method"] for row in ppl] == ["fp32 (unquantized)", "scalar:4,group=8"]
     assert ppl[0]["predicted_tokens"] == ppl[1]["predicted_tokens"] == 38
+    # token by token through a KVCache per layer
+    assert main(["perplexity", "--model", str(tiny_path), "--text", str(text), "--tokens", "40",
+                 "--window", "20", "--method", "turbo:4", "--cache", "4,4", "--quiet",
+                 "--json", str(ppl_file)]) == 0
+    streamed = json.loads(ppl_file.read_text())["rows"]
+    assert streamed[1]["method"] == "turbo:4 (KVCache 4,4)"
+    assert streamed[1]["predicted_tokens"] == 38
+    assert abs(np.log(streamed[1]["perplexity"] / streamed[0]["perplexity"])) < 0.05
     # errors are one line on stderr and exit status 2
     capsys.readouterr()
     assert main(["capture", "--model", str(tmp_path / "none.gguf"), "--out", str(out)]) == 2
@@ -105,6 +113,9 @@ def test_cli_capture_compare_stats_perplexity(tiny_path, tmp_path, capsys):
     assert main(["perplexity", "--model", str(tiny_path), "--text", str(text),
                  "--window", "30"]) == 2
     assert "window must lie in [2, 24]" in capsys.readouterr().err
+    assert main(["perplexity", "--model", str(tiny_path), "--text", str(text),
+                 "--method", "turbo:4", "--cache", "4"]) == 2
+    assert "RESIDUAL,BLOCK" in capsys.readouterr().err
 
 
 def test_unknown_and_uncached_models(tmp_path, monkeypatch):
