@@ -62,7 +62,7 @@ COLUMNS = (
 def command_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from latkv.compare import compare, default_specs, expand_specs, load_kv
+    from latkv.compare import best_at_budgets, compare, default_specs, expand_specs, load_kv
     from latkv.sample import SAMPLE_DESCRIPTION, load_sample
     from latkv.synthetic import synthetic_kv
 
@@ -96,9 +96,20 @@ def command_compare(args: argparse.Namespace) -> int:
         table.add_row(*(_format(row[key], digits) if digits else str(row[key])
                         for _, key, digits in COLUMNS))
     console.print(table)
+    best = best_at_budgets(rows)
+    if best:
+        summary = Table(title="lowest attention-output error within each budget "
+                              "(measured bits per coordinate, K and V together)")
+        for column in ("budget", "method", "stored", "attn-out err"):
+            summary.add_column(column, justify="left" if column == "method" else "right")
+        for row in best:
+            summary.add_row(f"{row['budget']:g}", row["method"],
+                            _format(row["measured_bits_per_coordinate"], 4),
+                            _format(row["attention_error"], 3))
+        console.print(summary)
     if args.json is not None:
         _write_json_atomically(args.json, {"data": source, "machine": machine_description(),
-                                           "bits": bits, "rows": rows})
+                                           "bits": bits, "rows": rows, "best": best})
         console.print(f"wrote {args.json}")
     return 0
 

@@ -223,3 +223,27 @@ def compare(specs: Iterable[str], data: dict[str, np.ndarray], *, bits: Iterable
             qz.decode(qz.encode(warm, backend=backend), backend=backend)  # compile before timing
         rows.append(_measure(label, key_quantizer, value_quantizer, data, layers, backend))
     return rows
+
+
+#: bit budgets (measured bits per coordinate, keys and values together) of `best_at_budgets`
+BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+
+
+def best_at_budgets(rows: list[dict[str, Any]], budgets: Iterable[float] = BUDGETS,
+                    metric: str = "attention_error") -> list[dict[str, Any]]:
+    """For each budget, the measured row of least ``metric`` within it.
+
+    A row fits a budget when its ``measured_bits_per_coordinate`` (everything stored, keys and
+    values together) is at most the budget; the fp16 row is left out. Budgets no row fits are
+    skipped. Returns ``{"budget", "method", "measured_bits_per_coordinate", metric}`` dicts.
+    """
+    best = []
+    for budget in budgets:
+        fitting = [row for row in rows if row["method"] != FP16
+                   and row["measured_bits_per_coordinate"] <= budget + 1e-9]
+        if fitting:
+            row = min(fitting, key=lambda r: r[metric])
+            best.append({"budget": budget, "method": row["method"],
+                         "measured_bits_per_coordinate": row["measured_bits_per_coordinate"],
+                         metric: row[metric]})
+    return best

@@ -46,6 +46,13 @@ def test_compare_json_rows(tmp_path):
         assert row["measured_bits_per_coordinate"] == pytest.approx(8 * stored / coordinates)
         if not re.search(r"center=True|outlier|group=128|entropy=True|^qet", row["spec"]):
             assert row["measured_bits_per_coordinate"] == row["bits_per_coordinate"]
+    # the summary: for each budget the least attention error among the rows that fit it
+    for best in document["best"]:
+        fitting = [r for r in document["rows"] if r["method"] != "fp16"
+                   and r["measured_bits_per_coordinate"] <= best["budget"] + 1e-9]
+        assert best["attention_error"] == min(r["attention_error"] for r in fitting)
+        assert best["measured_bits_per_coordinate"] <= best["budget"] + 1e-9
+    assert {b["budget"] for b in document["best"]} >= {3.0, 4.0, 5.0}
     # more bits, less error; fp16 is nearly exact
     assert rows["scalar:4"]["attention_error"] < rows["scalar:2"]["attention_error"]
     assert rows["fp16"]["attention_error"] < 1e-2
