@@ -33,6 +33,16 @@ def check_bits(bits: Any, name: str = "bits", low: int = 1, high: int = 8) -> in
     return check_int(bits, name, low, high)
 
 
+def check_rate(value: Any, name: str, low: float, high: float) -> int | float:
+    """A real number in ``[low, high]`` (a rate or budget in bits): an int when integral."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    return int(number) if number.is_integer() else number
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

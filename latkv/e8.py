@@ -62,7 +62,7 @@ from latkv import entropy
 from latkv._backend import array_module, implementation, resolve_backend
 from latkv.channel_split import ChannelSplitQuantizer
 from latkv.channel_transform import ChannelTransform
-from latkv.checks import check_bits, check_choice, check_int
+from latkv.checks import check_bits, check_choice, check_int, check_rate
 from latkv.lattice import nearest_e8
 from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.registry import register
@@ -364,13 +364,15 @@ class E8Stage:
         vectors = heads.shape[0] * heads.shape[1]
         budget = vectors * (self.dim * self.bits - self.side_bits) - 16 * heads.shape[0]
 
+        tried: dict[int, tuple[float, Any, np.ndarray] | None] = {}
+
         def attempt(j: int) -> tuple[float, Any, np.ndarray] | None:
-            steps = self._steps(sigma, j)
-            points = self._points(heads, steps, backend)
-            if points is None:
-                return None
-            bits, coded = self._symbol_bits(points)
-            return bits, coded, steps
+            """Ideal size, symbols and steps at rung ``j`` (each rung computed once)."""
+            if j not in tried:
+                steps = self._steps(sigma, j)
+                points = self._points(heads, steps, backend)
+                tried[j] = None if points is None else (*self._symbol_bits(points), steps)
+            return tried[j]
 
         # the smallest rung whose ideal size fits the budget (bisection: the size falls as the
         # step grows), then the measured streams, one rung coarser while they overshoot
@@ -456,13 +458,7 @@ class E8Stage:
 def _check_target_bits(bits: Any, entropy_coded: bool) -> int | float:
     if not entropy_coded:
         return check_bits(bits, "bits", 2, 8)
-    if isinstance(bits, bool) or not isinstance(bits, (int, float, np.integer, np.floating)):
-        raise TypeError(f"bits must be a number, got {type(bits).__name__}")
-    value = float(bits)
-    if not 0.5 <= value <= 8:
-        raise ValueError(f"bits (the target rate with entropy=True) must be in [0.5, 8], "
-                         f"got {bits}")
-    return int(value) if value.is_integer() else value
+    return check_rate(bits, "bits (the target rate with entropy=True)", 0.5, 8)
 
 
 @register("e8", method_id=5, main_parameter="bits")

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from latkv._backend import array_module
-from latkv.checks import check_int
+from latkv.checks import check_int, check_rate
 from latkv.container import Codes
 from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
@@ -317,12 +317,7 @@ class QET(Quantizer):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 2))
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)):
-            raise TypeError(f"bits must be a number, got {type(self.bits).__name__}")
-        if not 0.5 <= float(self.bits) <= 16:
-            raise ValueError(f"bits must be in [0.5, 16], got {self.bits}")
-        bits = float(self.bits)
-        object.__setattr__(self, "bits", int(bits) if bits.is_integer() else bits)
+        object.__setattr__(self, "bits", check_rate(self.bits, "bits", 0.5, 16))
         object.__setattr__(self, "layers", check_int(self.layers, "layers", 0, 6))
         object.__setattr__(self, "subspaces", check_int(self.subspaces, "subspaces", 1))
         if self.dim % (1 << self.layers) or self.dim % self.subspaces:
@@ -488,6 +483,6 @@ class QET(Quantizer):
             for prefix, b, start, rows in self._pieces(shape):
                 block = {name[len(prefix):]: (v[h][b] if b >= 0 else v[h])
                          for name, v in views.items()
-                         if name.startswith(prefix) and (prefix or not name.startswith("tail_"))}
+                         if name.startswith("tail_") == (prefix == "tail_")}
                 out[h, start:start + rows] = self._decode_block(block, rows)
         return out.reshape(shape).astype(codes.dtype, copy=False)
