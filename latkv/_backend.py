@@ -97,6 +97,12 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("voronoi_decode", "numba"): "latkv._cpu.voronoi:voronoi_decode",
     ("voronoi_decode", "cupy"): "latkv._gpu.cupy_voronoi:voronoi_decode",
     ("voronoi_decode", "numba.cuda"): "latkv._gpu.numba_voronoi:voronoi_decode",
+    # KVCache decode step over TurboQuant-mse keys and values: per (head, block) the
+    # split-softmax partials (acc in the value rotation's domain, max, sum) from packed codes
+    ("codebook_attention", "numpy"): "latkv.attention:codebook_attention_reference",
+    ("codebook_attention", "numba"): "latkv._cpu.attention:codebook_attention",
+    ("codebook_attention", "cupy"): "latkv._gpu.cupy_attention:codebook_attention",
+    ("codebook_attention", "numba.cuda"): "latkv._gpu.numba_attention:codebook_attention",
     # QJL: <q, 2 bits - 1> from packed sign bits
     ("sign_scores", "numpy"): "latkv.qjl:sign_scores_reference",
     ("sign_scores", "numba"): "latkv._cpu.sign_sketch:sign_scores",

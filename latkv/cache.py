@@ -15,8 +15,17 @@ on the token count, so appending one token at a time gives the same cache as one
 
 with the scores of compressed keys from the key quantizer's ``scores`` (never decoding the
 keys: QJL's estimator, TurboQuant's codebook look-up on the rotated query, E8's lattice
-points, ...), the exact window in float32, the softmax in float32 and the compressed values
-decoded per block. This is the NumPy/CuPy reference; fused kernels follow.
+points, ...), the exact window in float32, the softmax in float32 and the value sum from the
+value quantizer's ``weighted_sum`` (rotation methods sum in the rotated domain and rotate back
+once per query).
+
+When keys and values are both TurboQuant-mse codes (no outlier split; per-block channel
+statistics allowed), a decode step runs fused: one kernel per backend
+(`latkv.attention.codebook_attention`: numba, CuPy, numba.cuda) reads the packed codes once and
+returns the split-softmax partials of every block, which are combined with the window's in
+float32. The compressed arrays of all blocks are kept contiguous (one buffer per array, grown
+by a copy when a block is added: ``1 / block`` of the work of the attention steps between), so
+a kernel reads the whole cache as one array.
 """
 
 from __future__ import annotations
@@ -26,10 +35,122 @@ from typing import Any
 
 import numpy as np
 
-from latkv._backend import array_module
+from latkv._backend import array_module, implementation, resolve_backend
+from latkv.attention import combine_partials
 from latkv.checks import check_float_array, check_int
 from latkv.container import Codes
 from latkv.quantizer import Quantizer
+from latkv.turbo import TurboQuant
+
+FLOAT16_MAX = 65504.0
+
+
+class BlockCodes:
+    """The codes of one quantizer's compressed blocks, kept as contiguous arrays.
+
+    Each array of the code layout of a ``(batch, heads, block, dim)`` block is either
+    *per token* (its axis 2 grows with the tokens: packed codes, norms, per-group scales),
+    concatenated along axis 2, or *per block* (a fixed shape: per-block channel statistics,
+    outlier indices), stacked along a new axis 2. Layouts with variable-length arrays (rANS
+    streams) are kept as a list of `Codes`.
+    """
+
+    def __init__(self, quantizer: Quantizer, block: int) -> None:
+        self.quantizer = quantizer
+        self.block = block
+        self.count = 0
+        self.arrays: dict[str, Any] = {}
+        self.per_token: dict[str, bool] | None = None
+        self._listed: list[Codes] = []
+        self._shape: tuple[int, ...] = ()
+        self._dtype = ""
+
+    def _array_kinds(self, shape: tuple[int, ...]) -> dict[str, bool] | None:
+        batch, heads, tokens, dim = shape
+        one = self.quantizer.code_layout(shape)
+        two = self.quantizer.code_layout((batch, heads, 2 * tokens, dim))
+        kinds = {}
+        for name, (first, _) in one.items():
+            second = two.get(name, ((),))[0]
+            if None in first or first[:2] != (batch, heads):
+                return None
+            if (len(first) >= 3 and len(second) == len(first) and second[2] == 2 * first[2]
+                    and first[3:] == second[3:]):
+                kinds[name] = True
+            elif first == second:
+                kinds[name] = False
+            else:
+                return None
+        return kinds if set(two) == set(one) else None
+
+    def extend(self, blocks: list[Codes]) -> None:
+        """Add the codes of consecutive blocks (one copy of each buffer for all of them)."""
+        if not blocks:
+            return
+        if self.count == 0:
+            self._shape, self._dtype = tuple(blocks[0].shape), blocks[0].dtype
+            self.per_token = self._array_kinds(self._shape)
+        if self.per_token is None:
+            self._listed.extend(blocks)
+        else:
+            xp = blocks[0].xp
+            for name, kind in self.per_token.items():
+                pieces = [codes[name] if kind else codes[name][:, :, None] for codes in blocks]
+                if self.count:
+                    pieces.insert(0, self.arrays[name])
+                self.arrays[name] = pieces[0] if len(pieces) == 1 else xp.concatenate(
+                    pieces, axis=2)
+        self.count += len(blocks)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(c.nbytes for c in self._listed)
+                + sum(int(a.nbytes) for a in self.arrays.values()))
+
+    def __getitem__(self, index: int) -> Codes:
+        """Block ``index`` as `Codes` (views of the buffers)."""
+        if not -self.count <= index < self.count:
+            raise IndexError(f"block {index} of {self.count}")
+        index %= self.count
+        if self.per_token is None:
+            return self._listed[index]
+        arrays = {}
+        for name, array in self.arrays.items():
+            if self.per_token[name]:
+                width = array.shape[2] // self.count
+                arrays[name] = array[:, :, index * width:(index + 1) * width]
+            else:
+                arrays[name] = array[:, :, index]
+        return Codes(self.quantizer.name, self.quantizer.params, self._shape, self._dtype,
+                     arrays)
+
+    def whole(self) -> Codes | None:
+        """All blocks as one `Codes` of ``(batch, heads, count * block, dim)`` when every
+        array is per token (the codes of the blocks side by side are then the codes of their
+        concatenation), else None."""
+        if self.per_token is None or not all(self.per_token.values()):
+            return None
+        batch, heads, _, dim = self._shape
+        return Codes(self.quantizer.name, self.quantizer.params,
+                     (batch, heads, self.count * self.block, dim), self._dtype, self.arrays)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.count))
+
+    def as_list(self) -> list[Codes]:
+        return list(self)
+
+
+def fused_codebook_stage(quantizer: Quantizer) -> Any:
+    """The TurboQuant stage a fused step can read (mse codes, no outliers, statistics per
+    block at most), or None."""
+    if (isinstance(quantizer, TurboQuant) and quantizer.mode == "mse"
+            and not quantizer.outlier_channels and not quantizer.local_stats):
+        return quantizer.stages()[0]
+    return None
 
 
 class KVCache:
@@ -46,6 +167,11 @@ class KVCache:
         Tokens compressed together, ``>= 1`` (the unit of per-block statistics such as KIVI's
         per-channel groups).
 
+    Attributes
+    ----------
+    key_blocks, value_blocks : BlockCodes
+        The compressed blocks (``cache.key_blocks[i]`` is block ``i``'s `Codes`).
+
     Examples
     --------
     >>> import numpy as np, latkv
@@ -57,6 +183,8 @@ class KVCache:
     (200, 128)
     >>> cache.attention(rng.standard_normal((1, 4, 1, 64))).shape
     (1, 4, 1, 64)
+    >>> cache.fused
+    True
     """
 
     def __init__(self, key_quantizer: Quantizer, value_quantizer: Quantizer, residual: int = 128,
@@ -72,8 +200,8 @@ class KVCache:
         self.residual = check_int(residual, "residual", 0)
         self.block = check_int(block, "block", 1)
         self.dim = key_quantizer.dim
-        self.key_blocks: list[Codes] = []
-        self.value_blocks: list[Codes] = []
+        self.key_blocks = BlockCodes(key_quantizer, self.block)
+        self.value_blocks = BlockCodes(value_quantizer, self.block)
         self._keys: Any = None     # the exact window, float16 (batch, kv_heads, w, dim)
         self._values: Any = None
         self._length = 0
@@ -91,12 +219,21 @@ class KVCache:
     def nbytes(self) -> int:
         """Exact bytes: every block's codes plus the float16 window of keys and values."""
         window = 0 if self._keys is None else int(self._keys.nbytes + self._values.nbytes)
-        return window + sum(c.nbytes for c in self.key_blocks + self.value_blocks)
+        return window + self.key_blocks.nbytes + self.value_blocks.nbytes
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode steps run the fused kernel (TurboQuant-mse keys and values)."""
+        return (fused_codebook_stage(self.key_quantizer) is not None
+                and fused_codebook_stage(self.value_quantizer) is not None)
 
     # -- appending ---------------------------------------------------------------------------
 
     def append(self, k: Any, v: Any) -> None:
-        """Append ``k, v : (batch, kv_heads, t, dim)`` (float16/32/64, NumPy or CuPy)."""
+        """Append ``k, v : (batch, kv_heads, t, dim)`` (float16/32/64, NumPy or CuPy).
+
+        A refused append (wrong shape, dtype, module, NaN) leaves the cache as it was.
+        """
         k = check_float_array(k, "k", dim=self.dim, min_ndim=4)
         v = check_float_array(v, "v", dim=self.dim, min_ndim=4)
         if k.ndim != 4 or k.shape != v.shape:
@@ -105,34 +242,53 @@ class KVCache:
         xp = array_module(k)
         if array_module(v) is not xp:
             raise ValueError("k and v must be in the same array module (NumPy or CuPy)")
+        if self._keys is not None and (k.shape[:2] != self._keys.shape[:2]
+                                       or array_module(self._keys) is not xp):
+            raise ValueError(f"k has batch and heads {tuple(k.shape[:2])} in "
+                             f"{xp.__name__}; the cache holds "
+                             f"{tuple(self._keys.shape[:2])} in "
+                             f"{array_module(self._keys).__name__}")
+        for name, array in (("k", k), ("v", v)):
+            if array.dtype != xp.float16 and bool((xp.abs(array) > FLOAT16_MAX).any()):
+                raise ValueError(f"{name} holds values beyond the float16 range (|x| > 65504)")
         k16, v16 = k.astype(xp.float16), v.astype(xp.float16)
-        if self._keys is None:
-            self._keys, self._values = k16, v16
-        else:
-            if k.shape[:2] != self._keys.shape[:2] or array_module(self._keys) is not xp:
-                raise ValueError(f"k has batch and heads {tuple(k.shape[:2])} in "
-                                 f"{xp.__name__}; the cache holds "
-                                 f"{tuple(self._keys.shape[:2])} in "
-                                 f"{array_module(self._keys).__name__}")
-            self._keys = xp.concatenate([self._keys, k16], axis=2)
-            self._values = xp.concatenate([self._values, v16], axis=2)
-        self._length += int(k.shape[2])
-        while self._length - self.compressed_tokens >= self.block + self.residual:
-            self._compress_oldest_block()
-
-    def _compress_oldest_block(self) -> None:
-        keys, values = self._keys[:, :, :self.block], self._values[:, :, :self.block]
-        self.key_blocks.append(self.key_quantizer.encode(keys))
-        self.value_blocks.append(self.value_quantizer.encode(values))
-        self._keys, self._values = self._keys[:, :, self.block:], self._values[:, :, self.block:]
+        keys = k16 if self._keys is None else xp.concatenate([self._keys, k16], axis=2)
+        values = v16 if self._values is None else xp.concatenate([self._values, v16], axis=2)
+        length = self._length + int(k.shape[2])
+        # encode every block now due, each on its own, before anything changes: a refused
+        # block (a quantizer's own check) leaves the cache as it was
+        due = max((length - self.residual) // self.block - len(self.key_blocks), 0)
+        key_codes, value_codes = [], []
+        for index in range(due):
+            window = slice(index * self.block, (index + 1) * self.block)
+            key_codes.append(self.key_quantizer.encode(keys[:, :, window]))
+            value_codes.append(self.value_quantizer.encode(values[:, :, window]))
+        self.key_blocks.extend(key_codes)
+        self.value_blocks.extend(value_codes)
+        moved = due * self.block
+        self._keys, self._values = keys[:, :, moved:], values[:, :, moved:]
+        self._length = length
 
     # -- attention ---------------------------------------------------------------------------
 
-    def attention(self, q: Any, *, scale: float | None = None) -> Any:
+    def attention(self, q: Any, *, scale: float | None = None, backend: str | None = None,
+                  fused: bool | None = None) -> Any:
         """``softmax(q K^T scale + mask) V`` for ``q : (batch, q_heads, tq, dim)``.
 
         The queries are the last ``tq`` positions of the cache; with ``tq > 1`` each attends
         causally (to its own position and earlier). ``scale`` defaults to ``1 / sqrt(dim)``.
+
+        Parameters
+        ----------
+        q : (batch, q_heads, tq, dim) float16/32/64
+            ``q_heads`` a multiple of the cache's ``kv_heads`` (grouped-query attention).
+        scale : float, optional
+        backend : str, optional
+            Runs the quantizers' kernels (and the fused step); by default the array module's.
+        fused : bool, optional
+            Force (True) or avoid (False) the fused step; by default it runs where it can
+            (`fused`, and every compressed token visible to every query: always for
+            ``tq <= residual + 1``).
 
         Returns
         -------
@@ -151,26 +307,121 @@ class KVCache:
         xp = array_module(self._keys)
         if array_module(q) is not xp:
             raise ValueError("q and the cache must be in the same array module")
+        backend = resolve_backend(backend, q)
         scale = 1.0 / math.sqrt(self.dim) if scale is None else float(scale)
         group = q.shape[1] // kv_heads
         # (batch, kv_heads, group * tq, dim): the queries of one KV head side by side
         grouped = q.astype(xp.float32).reshape(batch, kv_heads, group * tq, self.dim)
-        pieces = [self.key_quantizer.scores(grouped, codes) for codes in self.key_blocks]
-        pieces.append(grouped @ xp.swapaxes(self._keys.astype(xp.float32), -1, -2))
-        logits = xp.concatenate(pieces, axis=-1) * xp.float32(scale)
-        positions = xp.arange(self._length)
+        can_fuse = self.fused and self.compressed_tokens <= self._length - tq + 1
+        if fused and not can_fuse:
+            raise ValueError("this step cannot run fused: it needs TurboQuant-mse keys and "
+                             "values and every compressed token visible to every query")
+        if fused is None:
+            fused = can_fuse
+        if fused and self.compressed_tokens:
+            output = self._fused_attention(grouped, tq, scale, backend)
+        else:
+            output = self._attention(grouped, group, tq, scale, backend)
+        return output.reshape(batch, q.shape[1], tq, self.dim)
+
+    def _window_logits(self, grouped: Any, group: int, tq: int, scale: float) -> Any:
+        """Masked float32 logits of the exact window ``(batch, kv_heads, group * tq, w)``."""
+        xp = array_module(grouped)
+        logits = (grouped @ xp.swapaxes(self._keys.astype(xp.float32), -1, -2)
+                  * xp.float32(scale))
+        positions = xp.arange(self.compressed_tokens, self._length)
         query_positions = xp.arange(self._length - tq, self._length)
-        allowed = positions[None, :] <= query_positions[:, None]            # (tq, n)
-        allowed = xp.tile(allowed, (group, 1))                               # (group * tq, n)
-        logits = xp.where(allowed, logits, -xp.inf)
+        allowed = xp.tile(positions[None, :] <= query_positions[:, None], (group, 1))
+        return xp.where(allowed, logits, -xp.inf)
+
+    def _attention(self, grouped: Any, group: int, tq: int, scale: float, backend: str) -> Any:
+        """The reference step: logits from ``scores``, softmax, sums from ``weighted_sum``."""
+        xp = array_module(grouped)
+        key_whole, value_whole = self.key_blocks.whole(), self.value_blocks.whole()
+        key_codes = [key_whole] if key_whole is not None else self.key_blocks.as_list()
+        pieces = [self.key_quantizer.scores(grouped, codes, backend=backend) * xp.float32(scale)
+                  for codes in (key_codes if len(self.key_blocks) else [])]
+        compressed = self.compressed_tokens
+        if pieces and tq > 1:           # the compressed tokens a query may not see yet
+            positions = xp.arange(compressed)
+            query_positions = xp.arange(self._length - tq, self._length)
+            allowed = xp.tile(positions[None, :] <= query_positions[:, None], (group, 1))
+            pieces = [xp.concatenate(pieces, axis=-1)]
+            pieces[0] = xp.where(allowed, pieces[0], -xp.inf)
+        pieces.append(self._window_logits(grouped, group, tq, scale))
+        logits = xp.concatenate(pieces, axis=-1)
         logits = logits - logits.max(axis=-1, keepdims=True)
         weights = xp.exp(logits)
         weights /= weights.sum(axis=-1, keepdims=True)
-        output = xp.zeros((batch, kv_heads, group * tq, self.dim), dtype=xp.float32)
-        start = 0
-        for codes in self.value_blocks:
-            values = self.value_quantizer.decode(codes).astype(xp.float32)
-            output += weights[..., start:start + self.block] @ values
-            start += self.block
-        output += weights[..., start:] @ self._values.astype(xp.float32)
-        return output.reshape(batch, q.shape[1], tq, self.dim)
+        output = weights[..., compressed:] @ self._values.astype(xp.float32)
+        if value_whole is not None:
+            output += self.value_quantizer.weighted_sum(weights[..., :compressed], value_whole,
+                                                        backend=backend)
+        else:
+            for index, codes in enumerate(self.value_blocks.as_list()):
+                window = weights[..., index * self.block:(index + 1) * self.block]
+                output += self.value_quantizer.weighted_sum(window, codes, backend=backend)
+        return output
+
+    def _fused_attention(self, grouped: Any, tq: int, scale: float, backend: str) -> Any:
+        """Split-softmax partials of the blocks (one kernel) and of the window, combined."""
+        xp = array_module(grouped)
+        batch, heads, m, dim = grouped.shape
+        key_stage = fused_codebook_stage(self.key_quantizer)
+        value_stage = fused_codebook_stage(self.value_quantizer)
+        keys, values = self.key_blocks.arrays, self.value_blocks.arrays
+        blocks, tokens = len(self.key_blocks), self.compressed_tokens
+        f32 = xp.float32
+
+        # the queries in the key rotation's domain: q * channel_scale_b per block if any
+        if "channel_scale" in keys:
+            scaled = grouped[:, :, None] * keys["channel_scale"].astype(f32)[:, :, :, None, :]
+        else:
+            scaled = grouped[:, :, None]
+        q_key = key_stage.rotation.apply(xp.ascontiguousarray(scaled), backend=backend)
+        q_key = q_key.reshape(batch * heads, -1, m, dim)
+        if "channel_mean" in keys:      # <q, mean_b>: (batch, heads, m, blocks) -> per block
+            offset = grouped @ xp.swapaxes(keys["channel_mean"].astype(f32), -1, -2)
+            offset = xp.ascontiguousarray(xp.swapaxes(offset, -1, -2).reshape(
+                batch * heads, blocks, m))
+        else:
+            offset = xp.zeros((batch * heads, 1, m), dtype=f32)
+
+        def device(array: Any) -> Any:
+            return array if xp is np else xp.asarray(array)
+
+        def flat(array: Any) -> Any:
+            return array.reshape(batch * heads, tokens, *array.shape[3:])
+
+        acc, maximum, total = implementation("codebook_attention", backend)(
+            q_key, flat(keys["packed"]), flat(keys["norm"]).astype(f32),
+            device(key_stage.codebook.centroids), key_stage.mse_bits, offset,
+            flat(values["packed"]), flat(values["norm"]).astype(f32),
+            device(value_stage.codebook.centroids), value_stage.mse_bits, dim, self.block,
+            scale)
+        acc = acc.reshape(batch, heads, blocks, m, dim)
+        maxima = [maximum.reshape(batch, heads, blocks, m)]
+        totals = [total.reshape(batch, heads, blocks, m)]
+        if self._length > tokens:         # the exact window as one more partial
+            logits = self._window_logits(grouped, m // tq, tq, scale)
+            window_max = logits.max(axis=-1)
+            exps = xp.exp(logits - window_max[..., None])
+            maxima.append(window_max[:, :, None])
+            totals.append(exps.sum(axis=-1)[:, :, None])
+        weight = combine_partials(xp.concatenate(maxima, axis=2),
+                                  xp.concatenate(totals, axis=2), axis=2)
+        block_weight = weight[:, :, :blocks, :, None]                 # (batch, heads, b, m, 1)
+        if "channel_scale" in values:     # rotate back per block, then scale per block
+            rotated = value_stage.rotation.inverse(acc * block_weight, backend=backend)
+            output = (rotated * values["channel_scale"].astype(f32)[:, :, :, None, :]).sum(
+                axis=2)
+        else:                             # one inverse rotation per query
+            output = value_stage.rotation.inverse((acc * block_weight).sum(axis=2),
+                                                  backend=backend)
+        if "channel_mean" in values:
+            mass = weight[:, :, :blocks] * totals[0]                     # (batch, heads, b, m)
+            output = output + xp.swapaxes(mass, -1, -2) @ values["channel_mean"].astype(f32)
+        if self._length > tokens:
+            output = output + weight[:, :, blocks, :, None] * (
+                exps @ self._values.astype(f32))
+        return output.astype(f32)

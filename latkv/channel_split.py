@@ -50,6 +50,8 @@ class Stage(Protocol):
 
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any: ...
 
+    def weighted_sum(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any: ...
+
 
 def _gather(a: Any, index: Any) -> Any:
     """``a[..., index]`` per head: ``a : (H..., t, dim)``, ``index : (H..., k)`` -> (H..., t, k)."""
@@ -170,12 +172,26 @@ class ChannelSplitQuantizer(Quantizer):
         y_main = main.decode(main_arrays, backend)
         if outlier is None:
             return y_main
+        return self._merge_channels(y_main, outlier.decode(outlier_arrays, backend),
+                                    arrays["outlier_index"])
+
+    def _merge_channels(self, y_main: Any, y_outlier: Any, index: Any) -> Any:
+        """``(..., t, dim)`` from the main stage's channels and the outliers' (``index``)."""
         xp = array_module(y_main)
-        index = arrays["outlier_index"].astype(xp.int64)
-        y_outlier = outlier.decode(outlier_arrays, backend)
-        # y_cat holds the channels in the order (rest, outliers); undo that permutation
+        index = index.astype(xp.int64)
+        # the concatenation holds the channels in the order (rest, outliers); undo that
         order = xp.concatenate([complement_channels(index, self.dim), index], axis=-1)
         return _gather(xp.concatenate([y_main, y_outlier], axis=-1), xp.argsort(order, axis=-1))
+
+    def _weighted_sum_split(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any:
+        main, outlier = self.stages()
+        main_arrays, outlier_arrays = self._stage_arrays(arrays)
+        y_main = main.weighted_sum(weights, main_arrays, backend)
+        if outlier is None:
+            return y_main
+        return self._merge_channels(y_main, outlier.weighted_sum(weights, outlier_arrays,
+                                                                 backend),
+                                    arrays["outlier_index"])
 
     def _scores_split(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         main, outlier = self.stages()
@@ -250,25 +266,53 @@ class ChannelSplitQuantizer(Quantizer):
         q32 = xp.ascontiguousarray(q, dtype=xp.float32)
         if single:
             q32 = q32[None, :]
+        pieces = [self._scores_block(q32, arrays, stats, backend)
+                  for _, arrays, stats in self._statistics_blocks(codes, backend)]
+        result = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=-1)
+        return result[..., 0, :] if single else result
+
+    def weighted_sum(self, weights: Any, codes: Codes, *, backend: str | None = None) -> Any:
+        """``weights @ x_hat`` from the codes of ``x``, summed in the stages' rotated domain.
+
+        ``sum_n w_n x_hat_n = R^T sum_n w_n (R x_hat_n)``: the stages sum their rotated
+        estimates and rotate each of the ``m`` sums back once; the channel statistics enter
+        as ``(sum_n w_n y_n) * scale + (sum_n w_n) * mean`` per statistics block.
+
+        Parameters
+        ----------
+        weights : (..., m, n) float
+        codes : Codes of x with shape (..., n, dim)
+
+        Returns
+        -------
+        (..., m, dim) float32
+        """
+        self.check_codes(codes)
+        weights = self.check_weights(weights, codes)
+        backend = self.check_backend(backend, weights)
+        xp = array_module(weights)
+        w32 = xp.ascontiguousarray(weights, dtype=xp.float32)
+        total = None
+        for window, arrays, stats in self._statistics_blocks(codes, backend):
+            part = self._weighted_sum_block(w32[..., window], arrays, stats, backend)
+            total = part if total is None else total + part
+        return total
+
+    def _statistics_blocks(self, codes: Codes, backend: str):
+        """``(token window, arrays of those tokens, their statistics)`` per statistics block:
+        one block (all tokens) unless ``local_stats`` gives every ``stats_tokens`` their own."""
         arrays = self.scores_arrays(codes, backend)
         transform = self.channel_transform
-        if not transform.active:
-            result = self._scores_split(q32, arrays, backend)
-        elif not transform.local_stats:
-            result = self._scores_block(q32, arrays, arrays, backend)
-        else:
-            n = codes.shape[-2]
-            token_axis = len(codes.shape) - 2
-            pieces = []
-            for block, start in enumerate(range(0, n, self.stats_tokens)):
-                window = slice(start, min(start + self.stats_tokens, n))
-                sliced = {k: (v if k in STAT_NAMES else
-                              v[(slice(None),) * token_axis + (window,)])
-                          for k, v in arrays.items()}
-                stats = {k: arrays[k][..., block, :] for k in transform.names}
-                pieces.append(self._scores_block(q32, sliced, stats, backend))
-            result = xp.concatenate(pieces, axis=-1)
-        return result[..., 0, :] if single else result
+        if not (transform.active and transform.local_stats):
+            yield slice(None), arrays, arrays
+            return
+        n = codes.shape[-2]
+        token_axis = len(codes.shape) - 2
+        for block, start in enumerate(range(0, n, self.stats_tokens)):
+            window = slice(start, min(start + self.stats_tokens, n))
+            sliced = {k: (v if k in STAT_NAMES else v[(slice(None),) * token_axis + (window,)])
+                      for k, v in arrays.items()}
+            yield window, sliced, {k: arrays[k][..., block, :] for k in transform.names}
 
     def scores_arrays(self, codes: Codes, backend: str) -> dict[str, Any]:
         """The arrays `scores` works on (the codes' own; a method may decode some first).
@@ -288,3 +332,15 @@ class ChannelSplitQuantizer(Quantizer):
         if "channel_mean" in stats:
             offset = (q32 @ stats["channel_mean"].astype(xp.float32)[..., :, None])
         return self._scores_split(q_scaled, arrays, backend) + offset
+
+    def _weighted_sum_block(self, w32: Any, arrays: dict[str, Any], stats: dict[str, Any],
+                            backend: str) -> Any:
+        """Weighted sum over tokens that share one set of statistics ``(..., dim)``."""
+        xp = array_module(w32)
+        total = self._weighted_sum_split(w32, arrays, backend)
+        if "channel_scale" in stats:
+            total = total * stats["channel_scale"].astype(xp.float32)[..., None, :]
+        if "channel_mean" in stats:
+            total = total + (w32.sum(axis=-1, keepdims=True)
+                             * stats["channel_mean"].astype(xp.float32)[..., None, :])
+        return total.astype(xp.float32)

@@ -231,7 +231,7 @@ def command_perplexity(args: argparse.Namespace) -> int:
         for label, transform, cache in runs:
             task = progress.add_task(label, total=None)
             result = perplexity(model, ids, window=args.window, kv_transform=transform,
-                                cache=cache,
+                                cache=cache, chunk=args.chunk, backend=args.backend,
                                 progress=lambda done, total, task=task: progress.update(
                                     task, completed=done, total=total))
             rows.append({"method": label, **result})
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode token by token through a latkv.KVCache per layer (RESIDUAL "
                           "exact tokens, blocks of BLOCK compressed as they age; about 90 ms "
                           "per token for SmolLM2) instead of quantizing whole windows")
+    ppl.add_argument("--chunk", type=int, default=1,
+                     help="with --cache: tokens per forward (a chunked prefill; queries see the "
+                          "cache after their whole chunk is appended; 1 = token by token)")
     ppl.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ppl.add_argument("--quiet", action="store_true")
     ppl.set_defaults(run=command_perplexity)

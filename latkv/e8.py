@@ -597,6 +597,10 @@ class E8Quant(ChannelSplitQuantizer):
                                                     backend)
         return arrays
 
+    def _weighted_sum_split(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any:
+        stage = self._stage  # type: ignore[attr-defined]
+        return stage.unrotate(weights @ arrays["estimate"], backend)
+
     def _scores_split(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         xp = array_module(q)
         rotated_q = self._stage.rotate(q, backend)  # type: ignore[attr-defined]

@@ -30,38 +30,48 @@ def quantized_kv_transform(key_quantizer: Any, value_quantizer: Any,
 
 def streaming_negative_log_likelihoods(model: Any, ids: Any, key_quantizer: Any,
                                        value_quantizer: Any, *, residual: int = 128,
-                                       block: int = 128) -> np.ndarray:
-    """``-log p(ids[t+1] | ids[:t+1])`` decoding one token at a time through a `latkv.KVCache`
-    per layer: each token's key and value are appended as it is produced, older blocks are
-    compressed as they age out of the ``residual`` window, and every step attends from the
-    codes (`latkv.KVCache.attention`). ``ids : (T,)`` -> float64 ``(T - 1,)``.
+                                       block: int = 128, chunk: int = 1,
+                                       backend: str | None = None) -> np.ndarray:
+    """``-log p(ids[t+1] | ids[:t+1])`` decoding through a `latkv.KVCache` per layer.
+
+    Each token's key and value are appended as it is produced, older blocks are compressed as
+    they age out of the ``residual`` window, and every step attends from the codes
+    (`latkv.KVCache.attention`). ``ids : (T,)`` -> float64 ``(T - 1,)``.
 
     Unlike ``kv_transform``, which quantizes a whole window before any query reads it, every
     query here sees the cache as a decoder would at its step: its newest ``residual`` or more
-    tokens exact.
+    tokens exact. With ``chunk > 1`` the tokens go through the model ``chunk`` at a time (a
+    chunked prefill: one forward per chunk, causal attention within it); a query then sees
+    the cache as it is after its whole chunk was appended, so up to ``chunk - 1`` tokens more
+    may be compressed than when decoding one token at a time (``chunk = 1``, exact streaming).
     """
     from latkv.cache import KVCache
+    from latkv.checks import check_int
 
     ids = model.check_ids(ids)
+    chunk = check_int(chunk, "chunk", 1)
     caches = [KVCache(key_quantizer, value_quantizer, residual=residual, block=block)
               for _ in range(model.config.n_layers)]
 
     def attend(layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         caches[layer].append(k[None], v[None])
-        return caches[layer].attention(q[None])[0]
+        return caches[layer].attention(q[None], backend=backend)[0]
 
     nll = np.empty(ids.size - 1, dtype=np.float64)
-    for t in range(ids.size - 1):
-        logits, _ = model.forward(ids[t:t + 1], attend=attend, start=t, logits="last")
-        row = logits[-1].astype(np.float64)
-        top = row.max()
-        nll[t] = top + np.log(np.exp(row - top).sum()) - row[ids[t + 1]]
+    for start in range(0, ids.size - 1, chunk):
+        stop = min(start + chunk, ids.size - 1)
+        logits, _ = model.forward(ids[start:stop], attend=attend, start=start, logits="all")
+        rows = logits.astype(np.float64)
+        top = rows.max(axis=-1)
+        log_partition = top + np.log(np.exp(rows - top[:, None]).sum(axis=-1))
+        nll[start:stop] = log_partition - rows[np.arange(stop - start), ids[start + 1:stop + 1]]
     return nll
 
 
 def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callable | None = None,
                progress: Callable[[int, int], None] | None = None,
-               cache: tuple[Any, Any, int, int] | None = None) -> dict[str, Any]:
+               cache: tuple[Any, Any, int, int] | None = None, chunk: int = 1,
+               backend: str | None = None) -> dict[str, Any]:
     """Perplexity of ``model`` on ``ids`` cut into whole windows of ``window`` tokens.
 
     Parameters
@@ -79,6 +89,10 @@ def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callabl
         Decode each window token by token through a `latkv.KVCache` per layer
         (`streaming_negative_log_likelihoods`) instead of one forward pass; excludes
         ``kv_transform``.
+    chunk : int
+        With ``cache``: tokens per forward (1: exact token-by-token decoding).
+    backend : str, optional
+        With ``cache``: the backend of the cache's attention.
 
     Returns
     -------
@@ -101,7 +115,8 @@ def perplexity(model: Any, ids: Any, *, window: int = 512, kv_transform: Callabl
         if cache is not None:
             key_quantizer, value_quantizer, residual, block = cache
             losses.append(streaming_negative_log_likelihoods(
-                model, piece, key_quantizer, value_quantizer, residual=residual, block=block))
+                model, piece, key_quantizer, value_quantizer, residual=residual, block=block,
+                chunk=chunk, backend=backend))
         else:
             losses.append(model.negative_log_likelihoods(piece, kv_transform=kv_transform))
         if progress is not None:

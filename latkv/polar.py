@@ -202,6 +202,10 @@ class PolarStage:
     def decode(self, arrays: dict[str, Any], backend: str) -> Any:
         return self.rotation.inverse(self.rotated_estimate(arrays, backend), backend=backend)
 
+    def weighted_sum(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any:
+        return self.rotation.inverse(weights @ self.rotated_estimate(arrays, backend),
+                                     backend=backend)
+
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         # cheaper than decoding: rotate each query once and take inner products with the
         # reconstruction in the rotated domain, so no key is rotated back

@@ -153,6 +153,14 @@ class SignSketch:
         coefficient = QJL_SCALE / self.rows * arrays["norm"].astype(xp.float64)
         return (coefficient[..., None] * (z @ self.device_sketch(xp))).astype(xp.float32)
 
+    def weighted_sum(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any:
+        # sum_n w_n c_n S^T z_n = ((w * c) @ Z) @ S: the sketch is applied once per query
+        xp = array_module(arrays["signs"])
+        z = signs_from_bits(arrays["signs"], self.rows).astype(xp.float64)
+        coefficient = QJL_SCALE / self.rows * arrays["norm"].astype(xp.float64)
+        summed = (weights.astype(xp.float64) * coefficient[..., None, :]) @ z
+        return (summed @ self.device_sketch(xp)).astype(xp.float32)
+
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         from latkv.turbo import batched
 

@@ -178,6 +178,44 @@ class Quantizer:
     def decode(self, codes: Codes, *, backend: str | None = None) -> Any:  # pragma: no cover
         raise NotImplementedError
 
+    def check_weights(self, weights: Any, codes: Codes) -> Any:
+        """Check ``weights : (..., m, n)`` against codes of ``(..., n, dim)``."""
+        weights = check_float_array(weights, "weights", min_ndim=2)
+        if len(codes.shape) < 2:
+            raise ValueError("weighted_sum needs codes of shape (..., n, dim)")
+        n = codes.shape[-2]
+        if weights.shape[-1] != n:
+            raise ValueError(f"weights must be (..., m, {n}) for codes of {n} vectors, got "
+                             f"{tuple(weights.shape)}")
+        try:
+            np.broadcast_shapes(tuple(weights.shape[:-2]), tuple(codes.shape[:-2]))
+        except ValueError:
+            raise ValueError(f"weights leading shape {tuple(weights.shape[:-2])} does not "
+                             f"broadcast with the codes' {tuple(codes.shape[:-2])}") from None
+        if array_module(weights) is not codes.xp:
+            raise ValueError("weights and codes must be in the same array module (NumPy or CuPy)")
+        return weights
+
+    def weighted_sum(self, weights: Any, codes: Codes, *, backend: str | None = None) -> Any:
+        """``weights @ x_hat`` from the codes of ``x`` (an attention step's value sum).
+
+        Parameters
+        ----------
+        weights : (..., m, n) float
+        codes : Codes of x with shape (..., n, dim)
+
+        Returns
+        -------
+        (..., m, dim) float32
+            Here via ``decode``; rotation-based methods sum in the rotated domain and rotate
+            each of the ``m`` results back once instead of every one of the ``n`` vectors.
+        """
+        self.check_codes(codes)
+        weights = self.check_weights(weights, codes)
+        xp = array_module(weights)
+        x_hat = self.decode(codes, backend=backend).astype(xp.float32)
+        return weights.astype(xp.float32) @ x_hat
+
     def scores(self, q: Any, codes: Codes, *, backend: str | None = None) -> Any:
         """Estimated ``q @ x.T`` from the codes of ``x`` (reference: via ``decode``)."""
         q = self.check_query(q, codes)

@@ -224,6 +224,12 @@ class TurboStage:
                     * arrays["norm"].astype(xp.float32)[..., None])
         return self.rotation.inverse(estimate, backend=backend)
 
+    def weighted_sum(self, weights: Any, arrays: dict[str, Any], backend: str) -> Any:
+        xp = array_module(weights)
+        estimate = (self.rotated_estimate(arrays, backend)
+                    * arrays["norm"].astype(xp.float32)[..., None])
+        return self.rotation.inverse(weights @ estimate, backend=backend)  # once per query
+
     def scores(self, q: Any, arrays: dict[str, Any], backend: str) -> Any:
         xp = array_module(q)
         rotated_q = self.rotation.apply(q, backend=backend)       # one rotation per query

@@ -47,8 +47,8 @@ def test_streaming_appends_equal_one_prefill(kv):
     assert len(streamed) == len(prefilled) == 150
     assert streamed.compressed_tokens == prefilled.compressed_tokens == 128
     assert streamed.nbytes == prefilled.nbytes
-    for a, b in zip(streamed.key_blocks + streamed.value_blocks,
-                    prefilled.key_blocks + prefilled.value_blocks):
+    for a, b in zip([*streamed.key_blocks, *streamed.value_blocks],
+                    [*prefilled.key_blocks, *prefilled.value_blocks]):
         for name in a.arrays:
             assert np.array_equal(a[name], b[name])
     q = rng.standard_normal((2, 6, 1, 32)).astype(np.float32)
@@ -88,7 +88,7 @@ def test_nbytes_counts_codes_and_window(kv):
     k, v, _ = kv
     cache = make()
     cache.append(k, v)
-    codes = sum(c.nbytes for c in cache.key_blocks + cache.value_blocks)
+    codes = sum(c.nbytes for c in [*cache.key_blocks, *cache.value_blocks])
     assert cache.nbytes == codes + 2 * (2 * 2 * 22 * 32 * 2)    # 22 exact tokens, K and V
 
 
@@ -128,3 +128,111 @@ def test_every_key_quantizer_attends_like_its_decoded_keys(key_spec, kv):
     q = rng.standard_normal((2, 4, 3, 32)).astype(np.float32)
     np.testing.assert_allclose(cache.attention(q), dense_attention(q, decoded_k, decoded_v),
                                rtol=1e-3, atol=1e-3)
+
+
+FUSED_PAIRS = [("turbo:4", "turbo:4"), ("turbo:2", "turbo:3"),
+               ("turbo:4,center=True", "turbo:2,center=True"),
+               ("turbo:3,center=True,channel_scale=True", "turbo:4,channel_scale=True"),
+               ("turbo:3,scale=eden,rotation=dense", "turbo:2,scale=eden-mse,center=True")]
+
+
+@pytest.mark.parametrize("key_spec,value_spec", FUSED_PAIRS)
+@pytest.mark.parametrize("residual", [0, 16])
+def test_fused_step_equals_the_reference_step(key_spec, value_spec, residual, kv):
+    k, v, rng = kv
+    cache = latkv.KVCache(latkv.quantizer(key_spec, dim=32), latkv.quantizer(value_spec, dim=32),
+                          residual=residual, block=32)
+    cache.append(k[:, :, :128 + residual + 3], v[:, :, :128 + residual + 3])
+    assert cache.fused and cache.compressed_tokens == 128
+    for q_heads, tq in ((2, 1), (6, 1), (4, 3)):   # MHA, GQA, a short causal chunk
+        q = (3 * rng.standard_normal((2, q_heads, tq, 32))).astype(np.float32)
+        reference = cache.attention(q, fused=False, backend="numpy")
+        for backend in ("numpy", "numba"):
+            np.testing.assert_allclose(cache.attention(q, backend=backend, fused=True),
+                                       reference, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_step_is_refused_where_it_cannot_run(kv):
+    k, v, rng = kv
+    unfusable = make()                                   # scalar values
+    unfusable.append(k, v)
+    assert not unfusable.fused
+    q = rng.standard_normal((2, 2, 1, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match="cannot run fused"):
+        unfusable.attention(q, fused=True)
+    cache = latkv.KVCache(latkv.TurboQuant(dim=32), latkv.TurboQuant(dim=32), residual=0,
+                          block=32)
+    cache.append(k[:, :, :64], v[:, :, :64])
+    # a 2-token causal chunk: the first query must not see the last compressed token
+    with pytest.raises(ValueError, match="visible"):
+        cache.attention(rng.standard_normal((2, 2, 2, 32)).astype(np.float32), fused=True)
+    chunk = rng.standard_normal((2, 2, 2, 32)).astype(np.float32)
+    k_hat = np.concatenate([cache.key_quantizer.decode(c) for c in cache.key_blocks], axis=2)
+    v_hat = np.concatenate([cache.value_quantizer.decode(c) for c in cache.value_blocks], axis=2)
+    np.testing.assert_allclose(cache.attention(chunk), dense_attention(chunk, k_hat, v_hat),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_block_codes_are_the_codes_of_each_block(kv):
+    k, v, _ = kv
+    for spec, whole in (("turbo:3,center=True", False), ("turbo:3", True),
+                        ("scalar:2,axis=channel,group=16", True), ("e8:2,entropy=True", False)):
+        qz = latkv.quantizer(spec, dim=32)
+        cache = latkv.KVCache(qz, qz, residual=5, block=32)
+        for start in range(0, 150, 7):
+            cache.append(k[:, :, start:start + 7], v[:, :, start:start + 7])
+        assert len(cache.key_blocks) == 4
+        for index, codes in enumerate(cache.key_blocks):
+            expected = qz.encode(k[:, :, 32 * index:32 * (index + 1)].astype(np.float16))
+            assert codes.shape == expected.shape and set(codes.arrays) == set(expected.arrays)
+            for name in codes.arrays:
+                assert np.array_equal(codes[name], expected[name]), (spec, name)
+        assert (cache.key_blocks.whole() is not None) == whole
+        if whole:
+            np.testing.assert_array_equal(
+                qz.decode(cache.key_blocks.whole()),
+                np.concatenate([qz.decode(c) for c in cache.key_blocks], axis=2))
+        with pytest.raises(IndexError):
+            cache.key_blocks[4]
+
+
+def test_a_refused_append_leaves_the_cache_unchanged(kv):
+    k, v, rng = kv
+    cache = make()
+    cache.append(k[:, :, :60], v[:, :, :60])
+    before = (len(cache), cache.nbytes, cache.compressed_tokens)
+    q = rng.standard_normal((2, 2, 1, 32)).astype(np.float32)
+    expected = cache.attention(q)
+    bad_values = v[:, :, 60:70].copy()
+    bad_values[1, 1, 3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cache.append(k[:, :, 60:70], bad_values)
+    with pytest.raises(ValueError, match="batch and heads"):
+        cache.append(k[:, :1, 60:70], v[:, :1, 60:70])
+    with pytest.raises(TypeError, match="float16, float32 or float64"):
+        cache.append(k[:, :, 60:70].astype(np.int32), v[:, :, 60:70])
+    with pytest.raises(ValueError, match="same array module|both be"):
+        cache.append(k[:, :, 60:70], v[:, :, 60:69])
+    assert (len(cache), cache.nbytes, cache.compressed_tokens) == before
+    np.testing.assert_array_equal(cache.attention(q), expected)
+    with pytest.raises(TypeError, match="q must be float"):
+        cache.attention(q.astype(np.int64))
+    with pytest.raises(ValueError, match="last dimension 32"):
+        cache.attention(q[..., :16])
+
+
+def test_an_append_a_quantizer_refuses_leaves_the_cache_unchanged(kv):
+    k, v, rng = kv
+    # TurboQuant refuses a vector whose norm overflows its float16 norm
+    cache = latkv.KVCache(latkv.TurboQuant(dim=32), latkv.TurboQuant(dim=32), residual=4,
+                          block=32)
+    cache.append(k[:, :, :30], v[:, :, :30])
+    before = (len(cache), cache.nbytes, cache.compressed_tokens)
+    loud = np.full((2, 2, 10, 32), 30000.0, np.float32)         # float16, but norm 170k
+    with pytest.raises(ValueError, match="norm exceeds the float16 range"):
+        cache.append(loud, v[:, :, 30:40])
+    with pytest.raises(ValueError, match="v holds values beyond the float16 range"):
+        cache.append(k[:, :, 30:40], v[:, :, 30:40] * 1e6)
+    assert (len(cache), cache.nbytes, cache.compressed_tokens) == before
+    cache.append(k[:, :, 30:40], v[:, :, 30:40])
+    assert (len(cache), cache.compressed_tokens) == (40, 32)

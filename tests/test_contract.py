@@ -149,3 +149,39 @@ def test_scores_match_decoded_inner_products(spec, rng):
     got = qz.scores(q, codes)
     assert got.shape == (3, 4, 50)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_weighted_sum_matches_weights_times_decoded_vectors(spec, rng):
+    # rotation methods sum in the rotated domain, statistics and outlier channels enter
+    # once per block of tokens: the result must still be weights @ decode(codes)
+    qz = make(spec, 64)
+    x = _input(rng, (3, 50, 64))
+    weights = rng.random((3, 4, 50)).astype(np.float32)
+    codes = qz.encode(x)
+    expected = weights.astype(np.float64) @ qz.decode(codes).astype(np.float64)
+    for backend in CPU_BACKENDS:
+        got = qz.weighted_sum(weights, codes, backend=backend)
+        assert got.shape == (3, 4, 64) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-4,
+                                   atol=1e-5 * np.abs(expected).max())
+    # one set of weights broadcast over the heads
+    shared = qz.weighted_sum(weights[0], codes)
+    np.testing.assert_allclose(shared, weights[0].astype(np.float64) @ qz.decode(codes),
+                               rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("spec", ["turbo:3", "scalar:4", "e8:2"])
+def test_weighted_sum_refuses_mismatched_weights(spec, rng):
+    qz = make(spec, 64)
+    codes = qz.encode(_input(rng, (2, 10, 64)))
+    with pytest.raises(ValueError, match=r"weights must be \(\.\.\., m, 10\)"):
+        qz.weighted_sum(np.ones((2, 3, 9), np.float32), codes)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        qz.weighted_sum(np.ones((3, 3, 10), np.float32), codes)
+    with pytest.raises(TypeError, match="weights must be float"):
+        qz.weighted_sum(np.ones((2, 3, 10), np.int32), codes)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qz.weighted_sum(np.full((2, 3, 10), np.nan, np.float32), codes)
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        qz.weighted_sum(np.ones(10, np.float32), codes)

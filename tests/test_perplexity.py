@@ -48,3 +48,25 @@ def test_streaming_compressed_cache_reads_the_codes(tiny_model):
     # (random weights: losses of 5-35 nats)
     assert np.abs(fine - reference).max() < 0.01 * np.abs(reference).max()
     assert np.abs(rough[5:] - reference[5:]).max() > 10 * np.abs(fine[5:] - reference[5:]).max()
+
+
+def test_chunked_streaming_equals_token_by_token_when_no_block_is_due_inside_a_chunk(
+        tiny_model):
+    ids = np.arange(3, 25)
+    coarse = latkv.TurboQuant(dim=8, bits=2)
+    one = streaming_negative_log_likelihoods(tiny_model, ids, coarse, coarse, residual=3,
+                                             block=4)
+    # block i (tokens 4i..4i+3) is compressed when 4(i+1) + 3 tokens are cached (an odd
+    # count). Query t sees t + 1 tokens one by one; in chunks of 2 it sees 2 (t // 2 + 1),
+    # which passes no odd count more: the same cache, the same losses
+    pairs = streaming_negative_log_likelihoods(tiny_model, ids, coarse, coarse, residual=3,
+                                               block=4, chunk=2)
+    np.testing.assert_allclose(pairs, one, rtol=1e-4, atol=1e-4)
+    # in chunks of 4, the first two queries of a chunk see a block compressed early (and the
+    # difference flows on through later layers and positions); the first chunk still agrees
+    fours = streaming_negative_log_likelihoods(tiny_model, ids, coarse, coarse, residual=3,
+                                               block=4, chunk=4)
+    np.testing.assert_allclose(fours[:4], one[:4], rtol=1e-4, atol=1e-4)
+    assert np.abs(fours[4:6] - one[4:6]).min() > 1e-3
+    with pytest.raises(ValueError, match="chunk"):
+        streaming_negative_log_likelihoods(tiny_model, ids, coarse, coarse, chunk=0)

@@ -21,6 +21,14 @@ MAX_LOG_SIZE = 10
 # Deepest PolarQuant recursion the kernels instantiate: blocks of 2**MAX_POLAR_LEVELS.
 MAX_POLAR_LEVELS = 8
 
+# (key bits, value bits) pairs whose codebook attention kernel has the widths as template
+# parameters (the common TurboQuant widths); every other pair of 1..8 runs the runtime-width
+# instantiation <0, 0, tile>, which reads the packed bytes one at a time.
+ATTENTION_BIT_PAIRS: tuple[tuple[int, int], ...] = (
+    (1, 1), (2, 2), (3, 3), (4, 4), (8, 8), (4, 2), (3, 2), (8, 4))
+# Queries per tile of the codebook attention kernel (1, 4 or 8; the wrapper picks by m).
+ATTENTION_QUERY_TILES: tuple[int, ...] = (1, 4, 8)
+
 KERNELS: dict[str, tuple[str, ...]] = {
     "pack_bits.cu": tuple(f"pack_bits<{b}>" for b in range(1, 9))
     + tuple(f"unpack_bits<{b}>" for b in range(1, 9)),
@@ -36,6 +44,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "polar.cu": tuple(f"{kernel}<{levels}>"
                       for kernel in ("polar_quantize", "polar_dequantize")
                       for levels in range(1, MAX_POLAR_LEVELS + 1)),
+    "attention.cu": tuple(f"codebook_attention<{key_bits}, {value_bits}, {tile}>"
+                          for key_bits, value_bits in ATTENTION_BIT_PAIRS + ((0, 0),)
+                          for tile in ATTENTION_QUERY_TILES),
 }
 
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)

@@ -1,0 +1,278 @@
+"""CPU fast path of `latkv.attention.codebook_attention_reference`: numba, one task per block.
+
+The work is split by (head, block) pair: each pair is one task of a ``prange`` loop, and it
+produces that pair's whole partial (``acc``, ``max``, ``sum``), so tasks share nothing and
+write disjoint slices of the outputs. Within a task, in three steps:
+
+1. every token's key codes are decoded once (`latkv._cpu.codebook._decode_row`: eight codes
+   per ``key_bits`` bytes read as one word; the padding bits of the last byte are never
+   looked at) into a ``(dim,)`` buffer of centroid values, dotted with each of the ``m``
+   queries in float32 (`latkv._cpu.codebook._dot`, SIMD partial sums), and turned into the
+   logit ``(factor * dot + offset) * scale``, in float32 and in the reference's order of
+   operations; the ``(m, block)`` logits stay in a buffer of the task;
+2. per query, the maximum over the block, then the weights ``exp(logit - max)`` (written over
+   the logits) and their float32 sum in token order;
+3. every token's value codes are decoded once, scaled by the token's value factor
+   (``centroid * factor``, as the reference scales its decoded values) and added, times each
+   query's weight, to that query's ``(dim,)`` row of ``acc``, in token order, in float32.
+
+Nothing but the logits and two ``(dim,)`` buffers is held per task, and no key or value is
+written to memory decoded. The results agree with the reference to float32 rounding: its
+matrix products (BLAS) and sums add in other orders, and NumPy's ``exp`` may differ from
+LLVM's by an ulp. Small inputs run the serial clone of the kernel
+(`latkv._cpu.serial.kernel_for`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from latkv._cpu.codebook import _decode_row, _dot
+from latkv._cpu.serial import kernel_for
+from latkv.checks import check_bits, check_int
+from latkv.packing import packed_length
+
+
+@njit(error_model="numpy", cache=True)
+def _attention_pair(q_key, key_packed, key_factor, key_centroids, key_bits, key_offset,
+                    value_packed, value_factor, value_centroids, value_bits, scale,
+                    acc, maximum, total, head, block_index):
+    """The partial of one (head, block) pair (one task of `_codebook_attention`).
+
+    The parallel kernel and its serial clone share this compiled function; its buffers are
+    allocated here, so that LLVM knows that they alias nothing.
+    """
+    m = acc.shape[2]
+    dim = acc.shape[3]
+    block = key_packed.shape[1] // acc.shape[1]
+    first_token = block_index * block
+    queries = q_key[head, block_index if q_key.shape[1] > 1 else 0]          # (m, dim)
+    offsets = key_offset[head, block_index if key_offset.shape[1] > 1 else 0]  # (m,)
+    key_values = np.empty(dim, np.float32)
+    value_values = np.empty(dim, np.float32)
+    logits = np.empty((m, block), np.float32)
+    for token in range(block):
+        row = first_token + token
+        _decode_row(key_packed[head, row], key_centroids, key_bits, key_values)
+        factor = key_factor[head, row]
+        for i in range(m):
+            logits[i, token] = (_dot(queries[i], key_values) * factor + offsets[i]) * scale
+    for i in range(m):
+        weights = logits[i]
+        top = weights[0]
+        for token in range(1, block):
+            top = max(top, weights[token])
+        summed = np.float32(0.0)
+        for token in range(block):
+            weight = np.exp(weights[token] - top)
+            weights[token] = weight
+            summed += weight
+        maximum[head, block_index, i] = top
+        total[head, block_index, i] = summed
+    out = acc[head, block_index]                                              # (m, dim)
+    out[:] = 0
+    for token in range(block):
+        row = first_token + token
+        _decode_row(value_packed[head, row], value_centroids, value_bits, value_values)
+        factor = value_factor[head, row]
+        for j in range(dim):
+            value_values[j] = value_values[j] * factor
+        for i in range(m):
+            weight = logits[i, token]
+            out_row = out[i]
+            for j in range(dim):
+                out_row[j] += weight * value_values[j]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _codebook_attention(q_key, key_packed, key_factor, key_centroids, key_bits, key_offset,
+                        value_packed, value_factor, value_centroids, value_bits, scale,
+                        acc, maximum, total):
+    """Kernel: the split-softmax partials ``acc (H, blocks, m, dim)``, ``maximum`` and
+    ``total (H, blocks, m)``, one task per (head, block) pair."""
+    heads = acc.shape[0]
+    blocks = acc.shape[1]
+    for pair in prange(heads * blocks):
+        head = pair // blocks
+        _attention_pair(q_key, key_packed, key_factor, key_centroids, key_bits, key_offset,
+                        value_packed, value_factor, value_centroids, value_bits, scale,
+                        acc, maximum, total, head, pair - head * blocks)
+
+
+# ---------------------------------------------------------------- host side
+
+
+def _check_float(array: Any, name: str) -> None:
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
+
+
+def _check_shape(array: Any, expected: tuple[int, ...], name: str, description: str) -> None:
+    if tuple(int(s) for s in array.shape) != expected:
+        raise ValueError(f"{name} must have shape {description} = {expected}, got "
+                         f"{tuple(array.shape)}")
+
+
+def attention_shapes(q_key: Any, key_packed: Any, key_factor: Any, key_centroids: Any,
+                     key_bits: Any, key_offset: Any, value_packed: Any, value_factor: Any,
+                     value_centroids: Any, value_bits: Any, dim: Any, block: Any,
+                     scale: Any) -> tuple[int, int, int, int, int, float]:
+    """Check the arguments of ``codebook_attention`` (NumPy or CuPy arrays, any backend).
+
+    Only shapes, dtypes and the scalars are looked at (not the values), so the check costs
+    nothing on the GPU. Raises ``TypeError`` for a wrong dtype or a non-integer ``bits``,
+    ``dim`` or ``block``, ``ValueError`` for a wrong shape or a value out of range.
+
+    Returns
+    -------
+    tuple
+        ``(key_bits, value_bits, dim, block, blocks, scale)``: the checked integers, the
+        number of blocks ``N // block`` and ``scale`` as a float.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> floats = lambda *shape: np.zeros(shape, np.float32)
+    >>> packed = np.zeros((2, 8, 4), np.uint8)       # 2 heads, 8 tokens, 8 codes of 4 bits
+    >>> attention_shapes(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
+    ...                  floats(2, 2, 3), packed, floats(2, 8), floats(16), 4, 8, 4, 0.5)
+    (4, 4, 8, 4, 2, 0.5)
+    >>> attention_shapes(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
+    ...                  floats(2, 2, 3), packed, floats(2, 8), floats(16), 4, 8, 3, 0.5)
+    Traceback (most recent call last):
+    ValueError: key_packed must hold a multiple of block = 3 tokens, got 8
+    """
+    key_bits = check_bits(key_bits, "key_bits")
+    value_bits = check_bits(value_bits, "value_bits")
+    dim = check_int(dim, "dim", 1)
+    block = check_int(block, "block", 1)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+    for array, name in ((key_packed, "key_packed"), (value_packed, "value_packed")):
+        if array.dtype != np.uint8:
+            raise TypeError(f"{name} must be uint8 packed codes, got dtype {array.dtype}")
+    for array, name in ((q_key, "q_key"), (key_factor, "key_factor"),
+                        (key_centroids, "key_centroids"), (key_offset, "key_offset"),
+                        (value_factor, "value_factor"), (value_centroids, "value_centroids")):
+        _check_float(array, name)
+    if key_packed.ndim != 3:
+        raise ValueError(f"key_packed must be 3-D (H, N, ceil(dim * key_bits / 8)), got shape "
+                         f"{tuple(key_packed.shape)}")
+    heads, tokens = int(key_packed.shape[0]), int(key_packed.shape[1])
+    if tokens % block:
+        raise ValueError(f"key_packed must hold a multiple of block = {block} tokens, got "
+                         f"{tokens}")
+    blocks = tokens // block
+    _check_shape(key_packed, (heads, tokens, packed_length(dim, key_bits)), "key_packed",
+                 "(H, N, ceil(dim * key_bits / 8))")
+    _check_shape(value_packed, (heads, tokens, packed_length(dim, value_bits)), "value_packed",
+                 "(H, N, ceil(dim * value_bits / 8))")
+    _check_shape(key_factor, (heads, tokens), "key_factor", "(H, N)")
+    _check_shape(value_factor, (heads, tokens), "value_factor", "(H, N)")
+    _check_shape(key_centroids, (1 << key_bits,), "key_centroids", "(2**key_bits,)")
+    _check_shape(value_centroids, (1 << value_bits,), "value_centroids", "(2**value_bits,)")
+    if q_key.ndim != 4 or int(q_key.shape[0]) != heads or int(q_key.shape[1]) not in (
+            1, blocks) or int(q_key.shape[3]) != dim:
+        raise ValueError(f"q_key must have shape (H, 1 or blocks, m, dim) with H = {heads}, "
+                         f"blocks = {blocks}, dim = {dim}, got {tuple(q_key.shape)}")
+    m = int(q_key.shape[2])
+    if key_offset.ndim != 3 or int(key_offset.shape[0]) != heads or int(
+            key_offset.shape[1]) not in (1, blocks) or int(key_offset.shape[2]) != m:
+        raise ValueError(f"key_offset must have shape (H, 1 or blocks, m) with H = {heads}, "
+                         f"blocks = {blocks}, m = {m}, got {tuple(key_offset.shape)}")
+    return key_bits, value_bits, dim, block, blocks, float(scale)
+
+
+def codebook_attention(q_key: np.ndarray, key_packed: np.ndarray, key_factor: np.ndarray,
+                       key_centroids: np.ndarray, key_bits: int, key_offset: np.ndarray,
+                       value_packed: np.ndarray, value_factor: np.ndarray,
+                       value_centroids: np.ndarray, value_bits: int, dim: int, block: int,
+                       scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split-softmax partials of attention over codebook-coded keys and values (numba backend).
+
+    The same partials as `latkv.attention.codebook_attention_reference` (to float32
+    rounding), computed per (head, block) from the packed codes without decoding keys or
+    values to memory.
+
+    Parameters
+    ----------
+    q_key : numpy.ndarray, shape (H, 1 or blocks, m, dim), float
+        ``m`` queries per head in the key quantizer's rotated domain, per block or shared by
+        all blocks (a block axis of length 1). Cast to float32.
+    key_packed : numpy.ndarray, shape (H, N, ceil(dim * key_bits / 8)), uint8
+        Packed key codes (`latkv.pack_bits` layout; padding bits are ignored) of
+        ``N = blocks * block`` tokens.
+    key_factor : numpy.ndarray, shape (H, N), float
+        The per-key factor (TurboQuant's norm). Cast to float32.
+    key_centroids : numpy.ndarray, shape (2**key_bits,), float
+        Cast to float32.
+    key_bits : int
+        Bits per key code, 1..8.
+    key_offset : numpy.ndarray, shape (H, 1 or blocks, m), float
+        Added to each dot product of the block before ``scale``. Cast to float32.
+    value_packed : numpy.ndarray, shape (H, N, ceil(dim * value_bits / 8)), uint8
+    value_factor : numpy.ndarray, shape (H, N), float
+        Cast to float32.
+    value_centroids : numpy.ndarray, shape (2**value_bits,), float
+        Cast to float32.
+    value_bits : int
+        Bits per value code, 1..8.
+    dim : int
+        Coordinates per key and value.
+    block : int
+        Tokens per block; ``N`` must be a multiple.
+    scale : float
+        Logit scale, applied in float32.
+
+    Returns
+    -------
+    acc : numpy.ndarray, shape (H, blocks, m, dim), float32
+        ``sum_n exp(s_n - max_b) * value_factor_n * value_centroids[value_codes_n]`` per block.
+    maximum : numpy.ndarray, shape (H, blocks, m), float32
+        The largest logit ``s_n`` of the block.
+    total : numpy.ndarray, shape (H, blocks, m), float32
+        ``sum_n exp(s_n - max_b)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.packing import pack_bits
+    >>> codes = np.zeros((1, 4, 8), np.uint8); codes[0, 1] = 1      # token 1: all ones
+    >>> packed = pack_bits(codes, 1)
+    >>> centroids = np.array([0.0, 1.0], np.float32)
+    >>> q = np.ones((1, 1, 1, 8), np.float32)
+    >>> ones = np.ones((1, 4), np.float32)
+    >>> acc, top, total = codebook_attention(
+    ...     q, packed, ones, centroids, 1, np.zeros((1, 1, 1), np.float32),
+    ...     packed, ones, centroids, 1, 8, 4, 1.0)
+    >>> float(top[0, 0, 0]), round(float(total[0, 0, 0]), 4)    # logits 0, 8, 0, 0
+    (8.0, 1.001)
+    >>> round(float(acc[0, 0, 0, 0] / total[0, 0, 0]), 4)     # the weight of token 1
+    0.999
+    """
+    arrays = [np.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids, key_offset,
+                                      value_packed, value_factor, value_centroids)]
+    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
+     value_centroids) = arrays
+    key_bits, value_bits, dim, block, blocks, scale = attention_shapes(
+        q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
+        value_factor, value_centroids, value_bits, dim, block, scale)
+    heads, m = key_packed.shape[0], q_key.shape[2]
+    acc = np.empty((heads, blocks, m, dim), np.float32)
+    maximum = np.empty((heads, blocks, m), np.float32)
+    total = np.empty((heads, blocks, m), np.float32)
+    if maximum.size == 0:
+        return acc, maximum, total
+    floats = [np.ascontiguousarray(x, dtype=np.float32) for x in (
+        q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids)]
+    q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids = floats
+    key_packed = np.ascontiguousarray(key_packed)
+    value_packed = np.ascontiguousarray(value_packed)
+    kernel = kernel_for(_codebook_attention, acc.size * block)
+    kernel(q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
+           value_factor, value_centroids, value_bits, np.float32(scale), acc, maximum, total)
+    return acc, maximum, total

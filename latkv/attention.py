@@ -1,0 +1,122 @@
+"""Attention from scalar-codebook codes in one pass: scores, softmax and the value sum.
+
+This is the decode step of a `latkv.KVCache` whose keys and values are TurboQuant-mse codes
+(a packed code per coordinate and one factor per vector). The cache is cut into blocks of
+``block`` tokens and each (head, block) is reduced to a *partial* of the split-K softmax
+("flash decoding"): with the logits of the block's tokens
+
+    s_n = scale * (key_factor_n * <q_key, key_centroids[key_codes_n]> + key_offset)
+
+the partial is ``max_b = max_n s_n``, ``sum_b = sum_n exp(s_n - max_b)`` and
+
+    acc_b = sum_n exp(s_n - max_b) * value_factor_n * value_centroids[value_codes_n]
+
+a ``(dim,)`` vector in the value quantizer's *rotated* domain. No key or value is decoded to
+memory and nothing is rotated per token: the caller rotates each query once (into the key
+rotation's domain, ``q_key``) and rotates the combined value sum back once
+(`combine_partials`). ``q_key`` and ``key_offset`` may differ per block (per-block channel
+statistics: ``q_key = R (q * channel_scale_b)``, ``key_offset = <q, channel_mean_b>``) or be
+shared by all blocks (a block axis of length 1).
+
+`codebook_attention_reference` is the NumPy/CuPy definition; the numba, CuPy RawModule and
+numba.cuda kernels (``("codebook_attention", backend)`` in `latkv._backend`) return the same
+partials to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latkv._backend import array_module
+from latkv.turbo import codebook_dequantize_reference
+
+
+def codebook_attention_reference(q_key: Any, key_packed: Any, key_factor: Any,
+                                 key_centroids: Any, key_bits: int, key_offset: Any,
+                                 value_packed: Any, value_factor: Any, value_centroids: Any,
+                                 value_bits: int, dim: int, block: int,
+                                 scale: float) -> tuple[Any, Any, Any]:
+    """Split-softmax partials of attention over codebook-coded keys and values.
+
+    Parameters
+    ----------
+    q_key : (H, 1 or blocks, m, dim) float32
+        ``m`` queries per head, in the key quantizer's rotated domain (per block, or one set).
+    key_packed : (H, N, ceil(dim * key_bits / 8)) uint8
+        Packed key codes (`latkv.pack_bits` layout) of ``N = blocks * block`` tokens.
+    key_factor : (H, N) float32
+        The stored per-key factor (TurboQuant's norm).
+    key_centroids : (2**key_bits,) float32
+    key_bits : int
+    key_offset : (H, 1 or blocks, m) float32
+        Added to every dot product of the block before ``scale`` (0 without statistics).
+    value_packed : (H, N, ceil(dim * value_bits / 8)) uint8
+    value_factor : (H, N) float32
+    value_centroids : (2**value_bits,) float32
+    value_bits : int
+    dim : int
+    block : int
+        Tokens per block; ``N`` must be a multiple.
+    scale : float
+        Logit scale (``1 / sqrt(dim)`` for standard attention).
+
+    Returns
+    -------
+    acc : (H, blocks, m, dim) float32
+    maximum : (H, blocks, m) float32
+    total : (H, blocks, m) float32
+        ``acc_b``, ``max_b`` and ``sum_b`` of the module docstring.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.packing import pack_bits
+    >>> codes = np.zeros((1, 4, 8), np.uint8); codes[0, 1] = 1      # token 1: all ones
+    >>> packed = pack_bits(codes, 1)
+    >>> centroids = np.array([0.0, 1.0], np.float32)
+    >>> q = np.ones((1, 1, 1, 8), np.float32)
+    >>> ones = np.ones((1, 4), np.float32)
+    >>> acc, top, total = codebook_attention_reference(
+    ...     q, packed, ones, centroids, 1, np.zeros((1, 1, 1), np.float32),
+    ...     packed, ones, centroids, 1, 8, 4, 1.0)
+    >>> float(top[0, 0, 0]), round(float(total[0, 0, 0]), 4)    # logits 0, 8, 0, 0
+    (8.0, 1.001)
+    >>> round(float(acc[0, 0, 0, 0] / total[0, 0, 0]), 4)     # the weight of token 1
+    0.999
+    """
+    xp = array_module(q_key)
+    heads, tokens, _ = key_packed.shape
+    blocks = tokens // block
+    k_hat = codebook_dequantize_reference(key_packed.reshape(heads * tokens, -1), key_centroids,
+                                          key_bits, dim).reshape(heads, blocks, block, dim)
+    dots = q_key @ xp.swapaxes(k_hat, -1, -2)                                 # (H, b, m, block)
+    factor = key_factor.astype(xp.float32).reshape(heads, blocks, 1, block)
+    logits = (dots * factor + key_offset[..., None]) * xp.float32(scale)
+    maximum = logits.max(axis=-1)
+    weights = xp.exp(logits - maximum[..., None])
+    v_hat = codebook_dequantize_reference(value_packed.reshape(heads * tokens, -1),
+                                          value_centroids, value_bits, dim)
+    v_hat = v_hat.reshape(heads, blocks, block, dim) * value_factor.astype(xp.float32).reshape(
+        heads, blocks, block, 1)
+    acc = weights @ v_hat
+    return (acc.astype(xp.float32), maximum.astype(xp.float32),
+            weights.sum(axis=-1).astype(xp.float32))
+
+
+def combine_partials(maximum: Any, total: Any, axis: int = -1) -> Any:
+    """Each partial's weight in the softmax over all of them.
+
+    Partials ``(max_b, sum_b)`` along ``axis`` of the same queries combine to the exact softmax:
+    ``weight_b = exp(max_b - M) / sum_c exp(max_c - M) sum_c``, ``M = max_c max_c``, so that
+    ``output = sum_b weight_b acc_b``. Returns float32 weights of ``maximum``'s shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> combine_partials(np.array([0.0, 0.0], np.float32), np.array([1.0, 3.0], np.float32))
+    array([0.25, 0.25], dtype=float32)
+    """
+    xp = array_module(maximum)
+    top = maximum.max(axis=axis, keepdims=True)
+    scaled = xp.exp(maximum - top)
+    return (scaled / (scaled * total).sum(axis=axis, keepdims=True)).astype(xp.float32)
