@@ -83,3 +83,42 @@ def test_qet_study_quick_run(tmp_path):
     for row in rows:
         if row["method"].startswith(("PQ", "QET")) and row["data"] == "gaussian":
             assert row["bits"] <= row["target_bits"] + 1e-9
+
+
+def test_decode_attention_quick_run(tmp_path):
+    out = tmp_path / "decode.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_attention.py"),
+                             "--quick", "--rounds", "1", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tokens"], r["bits"]) for r in rows] == [(1024, 4), (1024, 2), (2048, 4),
+                                                        (2048, 2)]
+    for row in rows:
+        # checked before timing: the fused step equals attention over the decoded cache
+        assert row["max_relative_error_vs_decoded_float64"] < 1e-4
+        # 128 fp16 tokens + 8 blocks of codes (2048 tokens, 4-bit): 4.125 bits of 16
+        expected = (128 * 16 + (row["tokens"] - 128) // 128 * 128
+                    * row["bits_per_coordinate"]) / (row["tokens"] * 16)
+        assert abs(row["memory_vs_fp16"] - expected) < 1e-9
+        assert set(row["time_vs_fp16_dense"]) >= {"fp16_dense", "fused_numba", "unfused_numba"}
+
+
+def test_kv_split_study_quick_run(tmp_path):
+    out = tmp_path / "split.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kv_split_study.py"),
+                             "--quick", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    sample = json.loads(out.read_text())["sample"]
+    rows = {(r["family"], r["label"]): r for r in sample["rows"]}
+    assert rows[("fp16", "fp16")]["bytes_vs_fp16"] == 1.0
+    # top-8 agreement depends on the keys alone: K4V2 ranks keys exactly as K4V4 does
+    split, symmetric = rows[("TurboQuant K/V split", "K4V2")], rows[(
+        "TurboQuant (keys centred)", "K4V4")]
+    assert split["top8_agreement"] == symmetric["top8_agreement"]
+    assert split["attention_error"] > symmetric["attention_error"]
+    assert rows[("TurboQuant K/V split", "K8V4")]["attention_error"] < symmetric[
+        "attention_error"]
+    for family, budgets in sample["best_per_family"].items():
+        for budget, row in budgets.items():
+            assert row["measured_bits_per_coordinate"] <= float(budget) + 1e-9
