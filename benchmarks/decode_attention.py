@@ -38,7 +38,7 @@ KV_HEADS, GROUP, DIM = 8, 4, 128
 
 def dense_fp16_attention(q: np.ndarray, keys16: np.ndarray, values16: np.ndarray) -> np.ndarray:
     """The baseline: ``softmax(q K^T / sqrt(d)) V`` from float16 K, V (float32 compute)."""
-    batch, heads, tokens, dim = keys16.shape
+    batch, heads, _, dim = keys16.shape
     grouped = q.astype(np.float32).reshape(batch, heads, -1, dim)
     logits = grouped @ np.swapaxes(keys16.astype(np.float32), -1, -2)
     logits *= np.float32(1 / np.sqrt(dim))
@@ -49,7 +49,7 @@ def dense_fp16_attention(q: np.ndarray, keys16: np.ndarray, values16: np.ndarray
 
 
 def float64_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    batch, heads, tokens, dim = keys.shape
+    batch, heads, _, dim = keys.shape
     grouped = q.astype(np.float64).reshape(batch, heads, -1, dim)
     logits = grouped @ np.swapaxes(keys.astype(np.float64), -1, -2) / np.sqrt(dim)
     weights = np.exp(logits - logits.max(axis=-1, keepdims=True))

@@ -339,7 +339,7 @@ def bad_arguments() -> tuple[list, dict]:
 
 @pytest.mark.parametrize("module_name", ["cpu", "numba.cuda"])
 def test_bad_arguments_are_refused(module_name):
-    """The numba.cuda wrapper checks its arguments with the same `attention_shapes`, before
+    """The numba.cuda wrapper checks its arguments with the same `latkv.attention.check_attention_arguments`, before
     any device work."""
     if module_name == "numba.cuda":
         if not numba_cuda_available():

@@ -304,13 +304,13 @@ def _argument_cases(rng):
 
 
 def test_argument_errors_name_the_argument(rng):
-    from latkv._gpu.cupy_attention import check_arguments
+    from latkv.attention import check_attention_arguments
 
     base, cases = _argument_cases(rng)
-    assert check_arguments(**base) == (4, 4, 64, 16, 2, 2, 4, base["scale"])
+    assert check_attention_arguments(**base) == (4, 4, 64, 16, 2, 2, 4, base["scale"])
     for keyword, replacement, error, message in cases:
         with pytest.raises(error, match=message):
-            check_arguments(**{**base, keyword: replacement})
+            check_attention_arguments(**{**base, keyword: replacement})
 
 
 @pytest.mark.gpu

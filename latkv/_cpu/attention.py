@@ -25,16 +25,12 @@ LLVM's by an ulp. Small inputs run the serial clone of the kernel
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 import numpy as np
 from numba import njit, prange
 
 from latkv._cpu.codebook import _decode_row, _dot
 from latkv._cpu.serial import kernel_for
-from latkv.checks import check_bits, check_int
-from latkv.packing import packed_length
+from latkv.attention import check_attention_arguments
 
 
 @njit(error_model="numpy", cache=True)
@@ -104,87 +100,6 @@ def _codebook_attention(q_key, key_packed, key_factor, key_centroids, key_bits, 
 
 
 # ---------------------------------------------------------------- host side
-
-
-def _check_float(array: Any, name: str) -> None:
-    if array.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
-
-
-def _check_shape(array: Any, expected: tuple[int, ...], name: str, description: str) -> None:
-    if tuple(int(s) for s in array.shape) != expected:
-        raise ValueError(f"{name} must have shape {description} = {expected}, got "
-                         f"{tuple(array.shape)}")
-
-
-def attention_shapes(q_key: Any, key_packed: Any, key_factor: Any, key_centroids: Any,
-                     key_bits: Any, key_offset: Any, value_packed: Any, value_factor: Any,
-                     value_centroids: Any, value_bits: Any, dim: Any, block: Any,
-                     scale: Any) -> tuple[int, int, int, int, int, float]:
-    """Check the arguments of ``codebook_attention`` (NumPy or CuPy arrays, any backend).
-
-    Only shapes, dtypes and the scalars are looked at (not the values), so the check costs
-    nothing on the GPU. Raises ``TypeError`` for a wrong dtype or a non-integer ``bits``,
-    ``dim`` or ``block``, ``ValueError`` for a wrong shape or a value out of range.
-
-    Returns
-    -------
-    tuple
-        ``(key_bits, value_bits, dim, block, blocks, scale)``: the checked integers, the
-        number of blocks ``N // block`` and ``scale`` as a float.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> floats = lambda *shape: np.zeros(shape, np.float32)
-    >>> packed = np.zeros((2, 8, 4), np.uint8)       # 2 heads, 8 tokens, 8 codes of 4 bits
-    >>> attention_shapes(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
-    ...                  floats(2, 2, 3), packed, floats(2, 8), floats(16), 4, 8, 4, 0.5)
-    (4, 4, 8, 4, 2, 0.5)
-    >>> attention_shapes(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
-    ...                  floats(2, 2, 3), packed, floats(2, 8), floats(16), 4, 8, 3, 0.5)
-    Traceback (most recent call last):
-    ValueError: key_packed must hold a multiple of block = 3 tokens, got 8
-    """
-    key_bits = check_bits(key_bits, "key_bits")
-    value_bits = check_bits(value_bits, "value_bits")
-    dim = check_int(dim, "dim", 1)
-    block = check_int(block, "block", 1)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
-    for array, name in ((key_packed, "key_packed"), (value_packed, "value_packed")):
-        if array.dtype != np.uint8:
-            raise TypeError(f"{name} must be uint8 packed codes, got dtype {array.dtype}")
-    for array, name in ((q_key, "q_key"), (key_factor, "key_factor"),
-                        (key_centroids, "key_centroids"), (key_offset, "key_offset"),
-                        (value_factor, "value_factor"), (value_centroids, "value_centroids")):
-        _check_float(array, name)
-    if key_packed.ndim != 3:
-        raise ValueError(f"key_packed must be 3-D (H, N, ceil(dim * key_bits / 8)), got shape "
-                         f"{tuple(key_packed.shape)}")
-    heads, tokens = int(key_packed.shape[0]), int(key_packed.shape[1])
-    if tokens % block:
-        raise ValueError(f"key_packed must hold a multiple of block = {block} tokens, got "
-                         f"{tokens}")
-    blocks = tokens // block
-    _check_shape(key_packed, (heads, tokens, packed_length(dim, key_bits)), "key_packed",
-                 "(H, N, ceil(dim * key_bits / 8))")
-    _check_shape(value_packed, (heads, tokens, packed_length(dim, value_bits)), "value_packed",
-                 "(H, N, ceil(dim * value_bits / 8))")
-    _check_shape(key_factor, (heads, tokens), "key_factor", "(H, N)")
-    _check_shape(value_factor, (heads, tokens), "value_factor", "(H, N)")
-    _check_shape(key_centroids, (1 << key_bits,), "key_centroids", "(2**key_bits,)")
-    _check_shape(value_centroids, (1 << value_bits,), "value_centroids", "(2**value_bits,)")
-    if q_key.ndim != 4 or int(q_key.shape[0]) != heads or int(q_key.shape[1]) not in (
-            1, blocks) or int(q_key.shape[3]) != dim:
-        raise ValueError(f"q_key must have shape (H, 1 or blocks, m, dim) with H = {heads}, "
-                         f"blocks = {blocks}, dim = {dim}, got {tuple(q_key.shape)}")
-    m = int(q_key.shape[2])
-    if key_offset.ndim != 3 or int(key_offset.shape[0]) != heads or int(
-            key_offset.shape[1]) not in (1, blocks) or int(key_offset.shape[2]) != m:
-        raise ValueError(f"key_offset must have shape (H, 1 or blocks, m) with H = {heads}, "
-                         f"blocks = {blocks}, m = {m}, got {tuple(key_offset.shape)}")
-    return key_bits, value_bits, dim, block, blocks, float(scale)
 
 
 def codebook_attention(q_key: np.ndarray, key_packed: np.ndarray, key_factor: np.ndarray,
@@ -258,10 +173,9 @@ def codebook_attention(q_key: np.ndarray, key_packed: np.ndarray, key_factor: np
                                       value_packed, value_factor, value_centroids)]
     (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
      value_centroids) = arrays
-    key_bits, value_bits, dim, block, blocks, scale = attention_shapes(
+    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
         q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
         value_factor, value_centroids, value_bits, dim, block, scale)
-    heads, m = key_packed.shape[0], q_key.shape[2]
     acc = np.empty((heads, blocks, m, dim), np.float32)
     maximum = np.empty((heads, blocks, m), np.float32)
     total = np.empty((heads, blocks, m), np.float32)

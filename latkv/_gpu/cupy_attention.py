@@ -17,15 +17,13 @@ not C-contiguous float32 / uint8 are converted first); the results are new CuPy 
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
 from latkv._gpu.cuda_sources import ATTENTION_BIT_PAIRS
 from latkv._gpu.cupy_modules import kernel
-from latkv.checks import check_bits, check_int
-from latkv.packing import packed_length
+from latkv.attention import check_attention_arguments
 
 # Threads per thread block: one thread per token of a chunk of the block (and at most
 # ATTENTION_MAX_THREADS = 256 in attention.cu); blocks of at most SHORT_BLOCK tokens get
@@ -53,84 +51,6 @@ def kernel_name(key_bits: int, value_bits: int, m: int) -> str:
     if (key_bits, value_bits) not in ATTENTION_BIT_PAIRS:
         key_bits = value_bits = 0  # the runtime-width path
     return f"codebook_attention<{key_bits}, {value_bits}, {query_tile(m)}>"
-
-
-def _check_shape(array: Any, expected: tuple[int, ...], name: str, description: str) -> None:
-    if tuple(int(s) for s in array.shape) != expected:
-        raise ValueError(f"{name} must have shape {description} = {expected}, got "
-                         f"{tuple(array.shape)}")
-
-
-def check_arguments(q_key: Any, key_packed: Any, key_factor: Any, key_centroids: Any,
-                    key_bits: Any, key_offset: Any, value_packed: Any, value_factor: Any,
-                    value_centroids: Any, value_bits: Any, dim: Any, block: Any,
-                    scale: Any) -> tuple[int, int, int, int, int, int, int, float]:
-    """Check the arguments of `codebook_attention` from their shapes and dtypes only.
-
-    Works on any arrays with ``shape``, ``ndim`` and ``dtype`` (NumPy or CuPy; the values are
-    not read). Raises ``TypeError`` for a wrong dtype or a non-integer ``key_bits``,
-    ``value_bits``, ``dim`` or ``block`` (or a non-real ``scale``), ``ValueError`` for a
-    wrong shape or an integer out of range, each naming the argument.
-
-    Returns
-    -------
-    tuple
-        ``(key_bits, value_bits, dim, block, heads, blocks, m, scale)``: the checked
-        integers, ``H``, the number of blocks ``N // block``, the queries per head ``m`` and
-        ``scale`` as a float.
-
-    Examples
-    --------
-    >>> floats = lambda *shape: np.zeros(shape, np.float32)
-    >>> packed = np.zeros((2, 8, 4), np.uint8)       # 2 heads, 8 tokens, 8 codes of 4 bits
-    >>> check_arguments(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
-    ...                 floats(2, 2, 3), packed, floats(2, 8), floats(16), 4, 8, 4, 0.5)
-    (4, 4, 8, 4, 2, 2, 3, 0.5)
-    >>> check_arguments(floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4,
-    ...                 floats(2, 2, 3), packed, floats(2, 8), floats(16), 9, 8, 4, 0.5)
-    Traceback (most recent call last):
-    ValueError: value_bits must be in [1, 8], got 9
-    """
-    key_bits = check_bits(key_bits, "key_bits")
-    value_bits = check_bits(value_bits, "value_bits")
-    dim = check_int(dim, "dim", 1)
-    block = check_int(block, "block", 1)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
-    for array, name in ((key_packed, "key_packed"), (value_packed, "value_packed")):
-        if np.dtype(array.dtype) != np.uint8:
-            raise TypeError(f"{name} must be uint8 packed codes, got dtype {array.dtype}")
-    for array, name in ((q_key, "q_key"), (key_factor, "key_factor"),
-                        (key_centroids, "key_centroids"), (key_offset, "key_offset"),
-                        (value_factor, "value_factor"), (value_centroids, "value_centroids")):
-        if np.dtype(array.dtype).kind != "f":
-            raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
-    if key_packed.ndim != 3:
-        raise ValueError(f"key_packed must be 3-D (H, N, ceil(dim * key_bits / 8)), got shape "
-                         f"{tuple(key_packed.shape)}")
-    heads, tokens = int(key_packed.shape[0]), int(key_packed.shape[1])
-    if tokens % block:
-        raise ValueError(f"key_packed must hold a multiple of block = {block} tokens, got "
-                         f"{tokens}")
-    blocks = tokens // block
-    _check_shape(key_packed, (heads, tokens, packed_length(dim, key_bits)), "key_packed",
-                 "(H, N, ceil(dim * key_bits / 8))")
-    _check_shape(value_packed, (heads, tokens, packed_length(dim, value_bits)), "value_packed",
-                 "(H, N, ceil(dim * value_bits / 8))")
-    _check_shape(key_factor, (heads, tokens), "key_factor", "(H, N)")
-    _check_shape(value_factor, (heads, tokens), "value_factor", "(H, N)")
-    _check_shape(key_centroids, (1 << key_bits,), "key_centroids", "(2**key_bits,)")
-    _check_shape(value_centroids, (1 << value_bits,), "value_centroids", "(2**value_bits,)")
-    if (q_key.ndim != 4 or int(q_key.shape[0]) != heads
-            or int(q_key.shape[1]) not in (1, blocks) or int(q_key.shape[3]) != dim):
-        raise ValueError(f"q_key must have shape (H, 1 or blocks, m, dim) with H = {heads}, "
-                         f"blocks = {blocks}, dim = {dim}, got {tuple(q_key.shape)}")
-    m = int(q_key.shape[2])
-    if (key_offset.ndim != 3 or int(key_offset.shape[0]) != heads
-            or int(key_offset.shape[1]) not in (1, blocks) or int(key_offset.shape[2]) != m):
-        raise ValueError(f"key_offset must have shape (H, 1 or blocks, m) with H = {heads}, "
-                         f"blocks = {blocks}, m = {m}, got {tuple(key_offset.shape)}")
-    return key_bits, value_bits, dim, block, heads, blocks, m, float(scale)
 
 
 def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroids: Any,
@@ -198,7 +118,7 @@ def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroi
                                         value_centroids)]
     (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
      value_centroids) = arrays
-    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_arguments(
+    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
         q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
         value_factor, value_centroids, value_bits, dim, block, scale)
     acc = cupy.empty((heads, blocks, m, dim), dtype=cupy.float32)

@@ -41,9 +41,9 @@ import numpy as np
 # numba.cuda must be a module global: the CUDA simulator swaps the kernel's global ``cuda``.
 from numba import cuda, float32
 
-from latkv._cpu.attention import attention_shapes
 from latkv._gpu.numba_codebook import MAX_LEVELS, _code_at
 from latkv._gpu.numba_launch import MAX_BLOCKS, THREADS_PER_BLOCK, DeviceArrays
+from latkv.attention import check_attention_arguments
 
 #: most threads of a CUDA block (a power of two); a tile has one token per thread
 MAX_THREADS = THREADS_PER_BLOCK
@@ -266,10 +266,9 @@ def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroi
                                              value_centroids)]
     (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
      value_centroids) = inputs
-    key_bits, value_bits, dim, block, blocks, scale = attention_shapes(
+    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
         q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
         value_factor, value_centroids, value_bits, dim, block, scale)
-    heads, m = int(key_packed.shape[0]), int(q_key.shape[2])
     acc = arrays.empty((heads, blocks, m, dim), np.float32)
     maximum = arrays.empty((heads, blocks, m), np.float32)
     total = arrays.empty((heads, blocks, m), np.float32)
