@@ -519,9 +519,12 @@ class E8Quant(ChannelSplitQuantizer):
     local_stats: bool = False
 
     backends = ("numpy", "numba", "cupy", "numba.cuda")
-    #: fixed-rate and entropy-coded rows, with centred keys, and without the rotation
+    #: fixed-rate and entropy-coded rows, with centred keys, without the rotation, and
+    #: entropy-coded keys with TurboQuant values (per-vector norms suit values better)
     compare_specs = ("e8", "e8,center=True", "e8,entropy=True", "e8,entropy=True,center=True",
-                     "e8:2.5,entropy=True,center=True", "e8,entropy=True,rotation=none")
+                     "e8:2.5,entropy=True,center=True", "e8,entropy=True,rotation=none",
+                     "e8,entropy=True,center=True|turbo",
+                     "e8:3.5,entropy=True,center=True")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 8))

@@ -322,7 +322,7 @@ class TurboQuant(ChannelSplitQuantizer):
             return None
         return False
     #: rows of ``latkv compare``: mse, prod and EDEN forms with and without centring, the real
-    #: 2.5- and 3.5-bit channel splits, and K/V pairings against KIVI
+    #: 2.5- and 3.5-bit channel splits, K/V pairings against KIVI and K/V bit splits
     compare_specs = (
         "turbo", "turbo,center=True", "turbo,mode=prod", "turbo,mode=prod,center=True",
         "turbo,scale=eden", "turbo,scale=eden,center=True",
@@ -333,6 +333,9 @@ class TurboQuant(ChannelSplitQuantizer):
         "scalar,axis=channel,group=128|turbo",
         "turbo,center=True|turbo",
         "turbo,center=True,channel_scale=True|turbo",
+        # keys are the sensitive half: K/V bit splits
+        "turbo:4,center=True|turbo:2", "turbo:4,center=True|turbo:3",
+        "turbo:8,center=True|turbo:4",
     )
 
     def __post_init__(self) -> None:
