@@ -236,3 +236,28 @@ def test_an_append_a_quantizer_refuses_leaves_the_cache_unchanged(kv):
     assert (len(cache), cache.nbytes, cache.compressed_tokens) == before
     cache.append(k[:, :, 30:40], v[:, :, 30:40])
     assert (len(cache), cache.compressed_tokens) == (40, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cupy", "numba.cuda"])
+@pytest.mark.parametrize("key_spec,value_spec", FUSED_PAIRS[:4] + [("scalar:4", "turbo:3")])
+def test_a_cache_of_cupy_arrays_attends_like_one_of_numpy_arrays(key_spec, value_spec, backend):
+    import cupy
+
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((2, 4, 700, 128)).astype(np.float16)
+    v = rng.standard_normal((2, 4, 700, 128)).astype(np.float16)
+    q = rng.standard_normal((2, 16, 1, 128)).astype(np.float32)
+    caches = [latkv.KVCache(latkv.quantizer(key_spec, dim=128),
+                            latkv.quantizer(value_spec, dim=128), residual=60, block=128)
+              for _ in range(2)]
+    caches[0].append(k, v)
+    caches[1].append(cupy.asarray(k), cupy.asarray(v))
+    for host, device in zip([*caches[0].key_blocks, *caches[0].value_blocks],
+                            [*caches[1].key_blocks, *caches[1].value_blocks]):
+        for name in host.arrays:          # the GPU encodes bit for bit as the CPU does
+            assert np.array_equal(host[name], cupy.asnumpy(device[name])), name
+    expected = caches[0].attention(q)
+    got = caches[1].attention(cupy.asarray(q), backend=backend)
+    assert isinstance(got, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=1e-4, atol=1e-5)

@@ -103,6 +103,16 @@ def test_cli_capture_compare_stats_perplexity(tiny_path, tmp_path, capsys):
     assert streamed[1]["method"] == "turbo:4 (KVCache 4,4)"
     assert streamed[1]["predicted_tokens"] == 38
     assert abs(np.log(streamed[1]["perplexity"] / streamed[0]["perplexity"])) < 0.05
+    # in chunks of 2 tokens per forward (no block of 4 with residual 3 falls due inside one)
+    assert main(["perplexity", "--model", str(tiny_path), "--text", str(text), "--tokens", "40",
+                 "--window", "20", "--method", "turbo:4", "--cache", "3,4", "--quiet",
+                 "--json", str(ppl_file)]) == 0
+    one_by_one = json.loads(ppl_file.read_text())["rows"][1]["perplexity"]
+    assert main(["perplexity", "--model", str(tiny_path), "--text", str(text), "--tokens", "40",
+                 "--window", "20", "--method", "turbo:4", "--cache", "3,4", "--chunk", "2",
+                 "--quiet", "--json", str(ppl_file)]) == 0
+    assert abs(json.loads(ppl_file.read_text())["rows"][1]["perplexity"] / one_by_one
+               - 1) < 1e-4
     # errors are one line on stderr and exit status 2
     capsys.readouterr()
     assert main(["capture", "--model", str(tmp_path / "none.gguf"), "--out", str(out)]) == 2
