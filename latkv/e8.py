@@ -524,7 +524,8 @@ class E8Quant(ChannelSplitQuantizer):
     compare_specs = ("e8", "e8,center=True", "e8,entropy=True", "e8,entropy=True,center=True",
                      "e8:2.5,entropy=True,center=True", "e8,entropy=True,rotation=none",
                      "e8,entropy=True,center=True|turbo",
-                     "e8:3.5,entropy=True,center=True")
+                     "e8:3.5,entropy=True,center=True",
+                     "e8:4,entropy=True,center=True|turbo:3")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 8))

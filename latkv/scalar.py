@@ -156,7 +156,8 @@ class ScalarQuant(Quantizer):
     #: rows of ``latkv compare``: per-token, per-channel, and KIVI (channel keys, token values)
     #: with groups of 32, and with KIVI's cheaper groups (128-token keys, 64-channel values)
     compare_specs = ("scalar", "scalar,axis=channel", "scalar,axis=channel|scalar",
-                     "scalar,axis=channel,group=128|scalar,group=64")
+                     "scalar,axis=channel,group=128|scalar,group=64",
+                     "scalar:4,axis=channel,group=128|turbo:3")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", check_int(self.dim, "dim", 1))
