@@ -196,24 +196,6 @@ def _attention_kernel(q_key, key_packed, key_factor, key_centroids, key_offset, 
         pair += cuda.gridDim.x
 
 
-def _launch(arrays: DeviceArrays, blocks: int, threads: int, inputs: tuple, outputs: tuple,
-            scalars: tuple) -> None:
-    """`DeviceArrays.launch` with ``threads`` threads per block instead of its fixed count."""
-    if arrays.gpu:
-        import cupy
-
-        pointer = cupy.cuda.get_current_stream().ptr
-        stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
-        _attention_kernel[blocks, threads, stream](
-            *(cuda.as_cuda_array(x) for x in inputs + outputs), *scalars)
-        return
-    device_outputs = tuple(cuda.device_array(out.shape, dtype=out.dtype) for out in outputs)
-    _attention_kernel[blocks, threads](*(cuda.to_device(x) for x in inputs), *device_outputs,
-                                       *scalars)
-    for device_out, out in zip(device_outputs, outputs):
-        device_out.copy_to_host(out)
-
-
 # ---------------------------------------------------------------- host side
 
 
@@ -279,6 +261,7 @@ def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroi
         arrays.put(key_factor, np.float32), arrays.put(key_centroids, np.float32),
         arrays.put(key_offset, np.float32), arrays.put(value_packed, np.uint8),
         arrays.put(value_factor, np.float32), arrays.put(value_centroids, np.float32))
-    _launch(arrays, min(heads * blocks, MAX_BLOCKS), threads_for(block), device_inputs,
-            (acc, maximum, total), (key_bits, value_bits, np.float32(scale)))
+    arrays.launch(_attention_kernel, min(heads * blocks, MAX_BLOCKS), device_inputs,
+                  (acc, maximum, total), (key_bits, value_bits, np.float32(scale)),
+                  threads=threads_for(block))
     return acc, maximum, total

@@ -31,8 +31,9 @@ class DeviceArrays:
     """The array module of one call: NumPy (kernels get device copies) or CuPy (views).
 
     ``put(x, dtype)`` converts an input to C-contiguous ``dtype`` in that module, ``empty``
-    allocates there, and ``launch(kernel, blocks, inputs, outputs, scalars)`` runs
-    ``kernel[blocks, THREADS_PER_BLOCK](*inputs, *outputs, *scalars)`` and fills the outputs.
+    allocates there, and ``launch(kernel, blocks, inputs, outputs, scalars, threads)`` runs
+    ``kernel[blocks, threads](*inputs, *outputs, *scalars)`` (``threads`` defaults to
+    `THREADS_PER_BLOCK`) and fills the outputs.
     """
 
     def __init__(self, first: Any) -> None:
@@ -51,17 +52,17 @@ class DeviceArrays:
         return self.xp.empty(shape, dtype=dtype)
 
     def launch(self, kernel: Any, blocks: int, inputs: tuple, outputs: tuple,
-               scalars: tuple) -> None:
+               scalars: tuple, threads: int = THREADS_PER_BLOCK) -> None:
         if self.gpu:
             import cupy
 
             pointer = cupy.cuda.get_current_stream().ptr
             stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
-            kernel[blocks, THREADS_PER_BLOCK, stream](
+            kernel[blocks, threads, stream](
                 *(cuda.as_cuda_array(x) for x in inputs + outputs), *scalars)
             return
         device_outputs = tuple(cuda.device_array(out.shape, dtype=out.dtype) for out in outputs)
-        kernel[blocks, THREADS_PER_BLOCK](
+        kernel[blocks, threads](
             *(cuda.to_device(x) for x in inputs), *device_outputs, *scalars)
         for device_out, out in zip(device_outputs, outputs):
             device_out.copy_to_host(out)
