@@ -1,8 +1,9 @@
-"""One decode step of attention over a long cache: from TurboQuant codes vs float16 (CPU).
+"""One decode step of attention over a long cache: from codes vs float16 (CPU).
 
 A cache of ``--tokens`` tokens (batch 1, 8 KV heads, GQA 4: 32 query heads, head dim 128,
-the shape of Llama-3-8B's layers) holds keys and values as 4-bit or 2-bit TurboQuant codes
-(`latkv.KVCache`, the newest ``--residual`` tokens in float16). One step attends a single new
+the shape of Llama-3-8B's layers) holds keys and values as 4-bit or 2-bit TurboQuant codes, or
+KIVI keys with TurboQuant values (`PAIRS`; `latkv.KVCache`, the newest ``--residual`` tokens in
+float16). One step attends a single new
 query position. It is timed against dense attention over the same cache kept in float16
 (NumPy: convert to float32, BLAS matmuls, float32 softmax: what NumPy offers), and against
 the cache's unfused path (scores and value sums per quantizer). Each configuration is checked
@@ -34,6 +35,9 @@ import latkv
 from latkv.cli import machine_description
 
 KV_HEADS, GROUP, DIM = 8, 4, 128
+#: 4- and 2-bit TurboQuant keys and values, and KIVI's per-channel keys (one group per block)
+#: with 3-bit TurboQuant values (the fixed-rate pair the KV cache page recommends)
+PAIRS = ("turbo:4|turbo:4", "turbo:2|turbo:2", "scalar:4,axis=channel,group=128|turbo:3")
 
 
 def dense_fp16_attention(q: np.ndarray, keys16: np.ndarray, values16: np.ndarray) -> np.ndarray:
@@ -63,24 +67,25 @@ def timed(function: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(tokens: int, bits: int, rounds: int, residual: int, block: int,
-            rng: np.random.Generator) -> dict[str, Any]:
+def measure(tokens: int, key_spec: str, value_spec: str, rounds: int, residual: int,
+            block: int, rng: np.random.Generator) -> dict[str, Any]:
     keys = rng.standard_normal((1, KV_HEADS, tokens, DIM)).astype(np.float32)
     keys += 2 * rng.standard_normal((1, KV_HEADS, 1, DIM)).astype(np.float32)  # channel offsets
     values = rng.standard_normal((1, KV_HEADS, tokens, DIM)).astype(np.float32)
     q = (2 * rng.standard_normal((1, KV_HEADS * GROUP, 1, DIM))).astype(np.float32)
     keys16, values16 = keys.astype(np.float16), values.astype(np.float16)
-    quantizer = latkv.TurboQuant(dim=DIM, bits=bits)
-    cache = latkv.KVCache(quantizer, quantizer, residual=residual, block=block)
+    key_quantizer = latkv.quantizer(key_spec, dim=DIM)
+    value_quantizer = latkv.quantizer(value_spec, dim=DIM)
+    cache = latkv.KVCache(key_quantizer, value_quantizer, residual=residual, block=block)
     build = timed(lambda: cache.append(keys16, values16))
     assert cache.fused
 
     # correctness first: the fused step against float64 attention over the decoded cache
     # (decoded in float32: the codes record float16 input, and decode would round to it)
-    decoded_k = np.concatenate([quantizer.decode(replace(c, dtype="float32"))
+    decoded_k = np.concatenate([key_quantizer.decode(replace(c, dtype="float32"))
                                 for c in cache.key_blocks]
                                + [keys16[:, :, cache.compressed_tokens:]], axis=2)
-    decoded_v = np.concatenate([quantizer.decode(replace(c, dtype="float32"))
+    decoded_v = np.concatenate([value_quantizer.decode(replace(c, dtype="float32"))
                                 for c in cache.value_blocks]
                                + [values16[:, :, cache.compressed_tokens:]], axis=2)
     expected = float64_attention(q, decoded_k, decoded_v)
@@ -106,9 +111,12 @@ def measure(tokens: int, bits: int, rounds: int, residual: int, block: int,
     median = {name: float(np.median(times)) for name, times in seconds.items()}
     fp16_bytes = keys16.nbytes + values16.nbytes
     return {
-        "tokens": tokens, "bits": bits, "kv_heads": KV_HEADS, "q_heads": KV_HEADS * GROUP,
+        "tokens": tokens, "keys": key_quantizer.spec, "values": value_quantizer.spec,
+        "label": f"K {key_spec} | V {value_spec}", "kv_heads": KV_HEADS,
+        "q_heads": KV_HEADS * GROUP,
         "dim": DIM, "residual": residual, "block": block,
-        "bits_per_coordinate": quantizer.bits_per_coordinate,
+        "bits_per_coordinate": (key_quantizer.bits_per_coordinate
+                                + value_quantizer.bits_per_coordinate) / 2,
         "cache_bytes": cache.nbytes, "fp16_bytes": fp16_bytes,
         "memory_vs_fp16": cache.nbytes / fp16_bytes,
         "max_relative_error_vs_decoded_float64": error,
@@ -124,7 +132,9 @@ def measure(tokens: int, bits: int, rounds: int, residual: int, block: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,16384,65536")
-    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--pairs", default=";".join(PAIRS),
+                        help="';'-separated KEY|VALUE specs (keys: TurboQuant or per-channel "
+                             "ScalarQuant with group = --block; values: TurboQuant)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--block", type=int, default=128)
@@ -138,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for tokens in token_counts:
-        for bits in (int(b) for b in args.bits.split(",")):
-            row = measure(tokens, bits, rounds, args.residual, args.block, rng)
+        for pair in args.pairs.split(";"):
+            key_spec, _, value_spec = pair.partition("|")
+            row = measure(tokens, key_spec, value_spec, rounds, args.residual, args.block, rng)
             rows.append(row)
             ratios = "  ".join(f"{k} {v:.2f}x" for k, v in row["time_vs_fp16_dense"].items())
-            print(f"{tokens:6d} tokens, {bits}-bit: memory {row['memory_vs_fp16']:.3f}x fp16; "
+            print(f"{tokens:6d} tokens, {row['label']}: memory {row['memory_vs_fp16']:.3f}x fp16; "
                   f"time vs fp16 dense: {ratios} (fp16 {row['median_seconds']['fp16_dense']*1e3:.1f} ms)",
                   flush=True)
     result = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d"),

@@ -40,6 +40,7 @@ from latkv.attention import combine_partials
 from latkv.checks import check_float_array, check_int
 from latkv.container import Codes
 from latkv.quantizer import Quantizer
+from latkv.scalar import ScalarQuant
 from latkv.turbo import TurboQuant
 
 FLOAT16_MAX = 65504.0
@@ -153,6 +154,16 @@ def fused_codebook_stage(quantizer: Quantizer) -> Any:
     return None
 
 
+def fused_keys(quantizer: Quantizer, block: int) -> bool:
+    """Whether a fused step can read these keys: `fused_codebook_stage`, or KIVI's per-channel
+    `ScalarQuant` with one group of tokens per cache block (``x = code * scale_b + zero_b``:
+    the codebook ``0 .. 2**bits - 1`` with the query scaled per block and ``<q, zero_b>``
+    added)."""
+    return fused_codebook_stage(quantizer) is not None or (
+        isinstance(quantizer, ScalarQuant) and quantizer.axis == "channel"
+        and quantizer.group == block)
+
+
 class KVCache:
     """A key/value cache whose older tokens are stored as codes.
 
@@ -223,8 +234,9 @@ class KVCache:
 
     @property
     def fused(self) -> bool:
-        """Whether decode steps run the fused kernel (TurboQuant-mse keys and values)."""
-        return (fused_codebook_stage(self.key_quantizer) is not None
+        """Whether decode steps run the fused kernel: TurboQuant-mse values with TurboQuant-mse
+        keys or KIVI per-channel keys grouped by the cache's blocks (`fused_keys`)."""
+        return (fused_keys(self.key_quantizer, self.block)
                 and fused_codebook_stage(self.value_quantizer) is not None)
 
     # -- appending ---------------------------------------------------------------------------
@@ -314,8 +326,9 @@ class KVCache:
         grouped = q.astype(xp.float32).reshape(batch, kv_heads, group * tq, self.dim)
         can_fuse = self.fused and self.compressed_tokens <= self._length - tq + 1
         if fused and not can_fuse:
-            raise ValueError("this step cannot run fused: it needs TurboQuant-mse keys and "
-                             "values and every compressed token visible to every query")
+            raise ValueError("this step cannot run fused: it needs TurboQuant-mse values, "
+                             "TurboQuant-mse or per-channel ScalarQuant keys (group = block), "
+                             "and every compressed token visible to every query")
         if fused is None:
             fused = can_fuse
         if fused and self.compressed_tokens:
@@ -373,29 +386,40 @@ class KVCache:
         blocks, tokens = len(self.key_blocks), self.compressed_tokens
         f32 = xp.float32
 
-        # the queries in the key rotation's domain: q * channel_scale_b per block if any
-        if "channel_scale" in keys:
-            scaled = grouped[:, :, None] * keys["channel_scale"].astype(f32)[:, :, :, None, :]
-        else:
-            scaled = grouped[:, :, None]
-        q_key = key_stage.rotation.apply(xp.ascontiguousarray(scaled), backend=backend)
-        q_key = q_key.reshape(batch * heads, -1, m, dim)
-        if "channel_mean" in keys:      # <q, mean_b>: (batch, heads, m, blocks) -> per block
-            offset = grouped @ xp.swapaxes(keys["channel_mean"].astype(f32), -1, -2)
-            offset = xp.ascontiguousarray(xp.swapaxes(offset, -1, -2).reshape(
-                batch * heads, blocks, m))
-        else:
-            offset = xp.zeros((batch * heads, 1, m), dtype=f32)
-
         def device(array: Any) -> Any:
             return array if xp is np else xp.asarray(array)
 
         def flat(array: Any) -> Any:
             return array.reshape(batch * heads, tokens, *array.shape[3:])
 
+        # keys as x = factor * R^T centroids[codes] * channel_scale_b + channel_mean_b
+        if key_stage is not None:           # TurboQuant (statistics per block, if any)
+            channel_scale, channel_mean = keys.get("channel_scale"), keys.get("channel_mean")
+            factor = flat(keys["norm"]).astype(f32)
+            centroids, key_bits = device(key_stage.codebook.centroids), key_stage.mse_bits
+        else:                               # KIVI: code * scale_b + zero_b, one group a block
+            channel_scale, channel_mean = keys["scale"], keys["zero"]
+            factor = xp.ones((batch * heads, tokens), dtype=f32)
+            key_bits = self.key_quantizer.bits
+            centroids = xp.arange(1 << key_bits, dtype=f32)
+        # the queries in the keys' domain: q * channel_scale_b per block, rotated if TurboQuant
+        if channel_scale is not None:
+            q_key = grouped[:, :, None] * channel_scale.astype(f32)[:, :, :, None, :]
+        else:
+            q_key = grouped[:, :, None]
+        q_key = xp.ascontiguousarray(q_key)
+        if key_stage is not None:
+            q_key = key_stage.rotation.apply(q_key, backend=backend)
+        q_key = q_key.reshape(batch * heads, -1, m, dim)
+        if channel_mean is not None:        # <q, mean_b>: (batch, heads, m, blocks) -> per block
+            offset = grouped @ xp.swapaxes(channel_mean.astype(f32), -1, -2)
+            offset = xp.ascontiguousarray(xp.swapaxes(offset, -1, -2).reshape(
+                batch * heads, blocks, m))
+        else:
+            offset = xp.zeros((batch * heads, 1, m), dtype=f32)
+
         acc, maximum, total = implementation("codebook_attention", backend)(
-            q_key, flat(keys["packed"]), flat(keys["norm"]).astype(f32),
-            device(key_stage.codebook.centroids), key_stage.mse_bits, offset,
+            q_key, flat(keys["packed"]), factor, centroids, key_bits, offset,
             flat(values["packed"]), flat(values["norm"]).astype(f32),
             device(value_stage.codebook.centroids), value_stage.mse_bits, dim, self.block,
             scale)

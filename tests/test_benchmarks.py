@@ -92,12 +92,14 @@ def test_decode_attention_quick_run(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["tokens"], r["bits"]) for r in rows] == [(1024, 4), (1024, 2), (2048, 4),
-                                                        (2048, 2)]
+    assert [(r["tokens"], r["label"]) for r in rows] == [
+        (tokens, f"K {pair.replace('|', ' | V ')}") for tokens in (1024, 2048)
+        for pair in ("turbo:4|turbo:4", "turbo:2|turbo:2",
+                     "scalar:4,axis=channel,group=128|turbo:3")]
     for row in rows:
         # checked before timing: the fused step equals attention over the decoded cache
         assert row["max_relative_error_vs_decoded_float64"] < 1e-4
-        # 128 fp16 tokens + 8 blocks of codes (2048 tokens, 4-bit): 4.125 bits of 16
+        # 128 fp16 tokens + whole blocks of 128 tokens of codes
         expected = (128 * 16 + (row["tokens"] - 128) // 128 * 128
                     * row["bits_per_coordinate"]) / (row["tokens"] * 16)
         assert abs(row["memory_vs_fp16"] - expected) < 1e-9

@@ -133,7 +133,9 @@ def test_every_key_quantizer_attends_like_its_decoded_keys(key_spec, kv):
 FUSED_PAIRS = [("turbo:4", "turbo:4"), ("turbo:2", "turbo:3"),
                ("turbo:4,center=True", "turbo:2,center=True"),
                ("turbo:3,center=True,channel_scale=True", "turbo:4,channel_scale=True"),
-               ("turbo:3,scale=eden,rotation=dense", "turbo:2,scale=eden-mse,center=True")]
+               ("turbo:3,scale=eden,rotation=dense", "turbo:2,scale=eden-mse,center=True"),
+               ("scalar:4,axis=channel,group=32", "turbo:3"),
+               ("scalar:2,axis=channel,group=32", "turbo:2,center=True,channel_scale=True")]
 
 
 @pytest.mark.parametrize("key_spec,value_spec", FUSED_PAIRS)
@@ -157,6 +159,10 @@ def test_fused_step_is_refused_where_it_cannot_run(kv):
     unfusable = make()                                   # scalar values
     unfusable.append(k, v)
     assert not unfusable.fused
+    for key_spec in ("scalar:4,axis=channel,group=16", "scalar:4", "turbo:4,mode=prod",
+                     "turbo:4,outlier_channels=4", "turbo:4,center=True,local_stats=True"):
+        assert not latkv.KVCache(latkv.quantizer(key_spec, dim=32), latkv.TurboQuant(dim=32),
+                                 block=32).fused, key_spec
     q = rng.standard_normal((2, 2, 1, 32)).astype(np.float32)
     with pytest.raises(ValueError, match="cannot run fused"):
         unfusable.attention(q, fused=True)
