@@ -154,20 +154,22 @@ def codebook_attention(q_key: np.ndarray, key_packed: np.ndarray, key_factor: np
 
     Examples
     --------
+    The reference's partials, from 3-bit keys and 2-bit values of 2 heads, 3 blocks of 16:
+
     >>> import numpy as np
+    >>> from latkv.attention import codebook_attention_reference
     >>> from latkv.packing import pack_bits
-    >>> codes = np.zeros((1, 4, 8), np.uint8); codes[0, 1] = 1      # token 1: all ones
-    >>> packed = pack_bits(codes, 1)
-    >>> centroids = np.array([0.0, 1.0], np.float32)
-    >>> q = np.ones((1, 1, 1, 8), np.float32)
-    >>> ones = np.ones((1, 4), np.float32)
-    >>> acc, top, total = codebook_attention(
-    ...     q, packed, ones, centroids, 1, np.zeros((1, 1, 1), np.float32),
-    ...     packed, ones, centroids, 1, 8, 4, 1.0)
-    >>> float(top[0, 0, 0]), round(float(total[0, 0, 0]), 4)    # logits 0, 8, 0, 0
-    (8.0, 1.001)
-    >>> round(float(acc[0, 0, 0, 0] / total[0, 0, 0]), 4)     # the weight of token 1
-    0.999
+    >>> rng = np.random.default_rng(0)
+    >>> keys = pack_bits(rng.integers(0, 8, (2, 48, 64)).astype(np.uint8), 3)
+    >>> values = pack_bits(rng.integers(0, 4, (2, 48, 64)).astype(np.uint8), 2)
+    >>> factor = rng.random((2, 48)).astype(np.float32)
+    >>> q = rng.standard_normal((2, 1, 4, 64)).astype(np.float32)
+    >>> arguments = (q, keys, factor, np.linspace(-1, 1, 8, dtype=np.float32), 3,
+    ...              np.zeros((2, 3, 4), np.float32), values, factor,
+    ...              np.linspace(-1, 1, 4, dtype=np.float32), 2, 64, 16, 0.125)
+    >>> fast, reference = codebook_attention(*arguments), codebook_attention_reference(*arguments)
+    >>> all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(fast, reference))
+    True
     """
     arrays = [np.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids, key_offset,
                                       value_packed, value_factor, value_centroids)]
