@@ -61,11 +61,8 @@ def scalar_rans(x: np.ndarray, step_factor: float, rotate: bool) -> tuple[np.nda
     sigma = np.sqrt((y.astype(np.float64) ** 2).mean(axis=(1, 2)))
     step = np.maximum((sigma * step_factor).astype(np.float16).astype(np.float32), 2.0 ** -24)
     integers = np.rint(y / step[:, None, None]).astype(np.int64)
-    offset = max(1, int(np.abs(integers).max()))
-    symbols = (integers + offset).ravel()
-    contexts = np.zeros_like(symbols)
-    model = entropy.build_model(symbols, contexts, 2 * offset + 1, 1)
-    stored = len(entropy.encode(symbols, contexts, model)) + model.nbytes + 2 * step.size
+    stream, model, _ = entropy.encode_integers(integers)
+    stored = len(stream) + model.nbytes + 2 * step.size
     y_hat = (integers * step[:, None, None]).astype(np.float32)
     return (rotation.inverse(y_hat) if rotate else y_hat), stored
 

@@ -129,12 +129,8 @@ def uniform_scalar_rans_point(x: np.ndarray, step: float, failures: list[str],
     """ECSQ: ``rint(x / step)`` coded with `latkv.entropy` (one context), fp16 step stored."""
     step = float(np.float16(step))
     levels = np.rint(x.astype(np.float64) / step).astype(np.int64).ravel()
-    offset = int(np.abs(levels).max())
-    symbols = levels + offset
-    contexts = np.zeros_like(symbols)
-    model = entropy.build_model(symbols, contexts, 2 * offset + 1, 1)
-    stream = entropy.encode(symbols, contexts, model)
-    if not np.array_equal(entropy.decode(stream, contexts, model), symbols):
+    stream, model, offset = entropy.encode_integers(levels)
+    if not np.array_equal(entropy.decode_integers(stream, model, offset, levels.size), levels):
         failures.append(f"{name}: the rANS stream at step {step} does not decode to its symbols")
     x_hat = (levels * step).reshape(x.shape)
     if not np.isfinite(x_hat).all():

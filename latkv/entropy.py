@@ -112,7 +112,8 @@ from numba import njit
 
 from latkv.checks import check_int
 
-__all__ = ["Model", "build_model", "decode", "encode", "ideal_bits", "stream_bound"]
+__all__ = ["Model", "build_model", "decode", "decode_integers", "encode", "encode_integers",
+           "ideal_bits", "stream_bound"]
 
 STATE_BITS = 23
 STATE_LOW = 1 << STATE_BITS  # L: the encoder's initial and the decoder's final state
@@ -861,6 +862,53 @@ def decode(data: Any, contexts: Any, model: Model) -> np.ndarray:
             "stream, or a different model, contexts or symbol count than the encoder's"
         )
     return out
+
+
+def encode_integers(values: Any) -> tuple[bytes, Model, int]:
+    """Signed integers under one context (memoryless): ``(stream, model, offset)``.
+
+    The coder of entropy-coded scalar quantization: symbol ``v + offset`` with
+    ``offset = max(1, max |v|)`` over an alphabet of ``2 offset + 1`` (at most 65,536), a model
+    fitted to these values. Store ``len(stream) + model.nbytes`` bytes (and ``offset``).
+
+    Parameters
+    ----------
+    values : ndarray, integer dtype
+        Any shape; coded in C order.
+
+    Returns
+    -------
+    stream : bytes
+    model : Model
+    offset : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> values = np.array([[0, -1, 2], [0, 0, 1]])
+    >>> stream, model, offset = encode_integers(values)
+    >>> decode_integers(stream, model, offset, values.size).reshape(values.shape)
+    array([[ 0, -1,  2],
+           [ 0,  0,  1]])
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"values must be an integer array, got dtype {values.dtype}")
+    flat = values.astype(np.int64).ravel()
+    offset = max(1, int(np.abs(flat).max())) if flat.size else 1
+    if 2 * offset + 1 > 1 << 16:
+        raise ValueError(f"values must lie within +-32767 (an alphabet of at most 65,536 "
+                         f"symbols), got max |v| = {offset}")
+    symbols = flat + offset
+    contexts = np.zeros_like(symbols)
+    model = build_model(symbols, contexts, 2 * offset + 1, 1)
+    return encode(symbols, contexts, model), model, offset
+
+
+def decode_integers(data: Any, model: Model, offset: int, count: int) -> np.ndarray:
+    """The ``count`` int64 values of `encode_integers` (flat, in C order)."""
+    count = check_int(count, "count", 0)
+    return decode(data, np.zeros(count, np.int64), model).astype(np.int64) - int(offset)
 
 
 def ideal_bits(symbols: Any, contexts: Any, model: Model) -> float:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from latkv import entropy
 from latkv.entropy import (
     MAX_LANES,
     STATE_LOW,
@@ -644,3 +645,24 @@ def test_stream_bound_arguments():
         stream_bound(3, 0.0, 17)
     with pytest.raises(ValueError, match="n"):
         stream_bound(-1, 0.0, 14)
+
+
+def test_signed_integers_round_trip_under_one_context():
+    rng = np.random.default_rng(3)
+    values = np.rint(rng.laplace(0, 3, (40, 50))).astype(np.int32)
+    stream, model, offset = entropy.encode_integers(values)
+    assert offset == max(1, int(np.abs(values).max())) and model.alphabet == 2 * offset + 1
+    np.testing.assert_array_equal(
+        entropy.decode_integers(stream, model, offset, values.size).reshape(values.shape),
+        values)
+    # memoryless: within the coder's bound of the empirical entropy of the values
+    _, counts = np.unique(values, return_counts=True)
+    entropy_bits = -(counts * np.log2(counts / values.size)).sum()
+    assert len(stream) * 8 < entropy_bits * 1.01 + 64
+    zeros = np.zeros(7, np.int64)
+    stream, model, offset = entropy.encode_integers(zeros)
+    assert np.array_equal(entropy.decode_integers(stream, model, offset, 7), zeros)
+    with pytest.raises(TypeError, match="integer"):
+        entropy.encode_integers(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="32767"):
+        entropy.encode_integers(np.array([0, 40000]))
