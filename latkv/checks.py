@@ -8,7 +8,7 @@ check sees a wrong dtype, a NaN or an empty array.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,6 +41,24 @@ def check_rate(value: Any, name: str, low: float, high: float) -> int | float:
     if not low <= number <= high:
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
     return int(number) if number.is_integer() else number
+
+
+def check_dashed(value: Any, name: str, convert: Callable[[str], Any], example: str) -> list:
+    """The items of a sequence parameter given as a list/tuple or, as in a spec string, as
+    parts joined by dashes (``"4-2-2-2"``; each part through ``convert``).
+
+    Raises ``ValueError`` naming ``name`` for a string that does not parse, ``TypeError`` for
+    anything that is neither.
+    """
+    if isinstance(value, str):
+        try:
+            return [convert(part) for part in value.split("-")]
+        except ValueError:
+            raise ValueError(f"{name} must look like {example!r}, got {value!r}") from None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"{name} must be a sequence or a string like {example!r}, got "
+                    f"{type(value).__name__}")
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from latkv._backend import array_module, implementation
 from latkv.channel_split import ChannelSplitQuantizer
-from latkv.checks import check_bits, check_choice, check_int
+from latkv.checks import check_bits, check_choice, check_dashed, check_int
 from latkv.codebooks import Codebook, polar_angle_codebook
 from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.qjl import NORM_DTYPES, stage_seed, to_norm_dtype
@@ -218,16 +218,10 @@ class PolarStage:
 def _level_bits(value: Any, levels: int) -> tuple[int, ...]:
     if value is None:
         return (4,) + (2,) * (levels - 1)
-    if isinstance(value, str):
-        try:
-            value = [int(part) for part in value.split("-")]
-        except ValueError:
-            raise ValueError(f"level_bits must look like '4-2-2-2', got {value!r}") from None
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value] * levels
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"level_bits must be a sequence of ints, got {type(value).__name__}")
-    bits = tuple(check_bits(b, "level_bits") for b in value)
+    bits = tuple(check_bits(b, "level_bits")
+                 for b in check_dashed(value, "level_bits", int, "4-2-2-2"))
     if len(bits) != levels:
         raise ValueError(f"level_bits must give one width per level ({levels}), got {bits}")
     return bits

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from latkv._backend import array_module
-from latkv.checks import check_int, check_rate
+from latkv.checks import check_dashed, check_int, check_rate
 from latkv.container import Codes
 from latkv.packing import pack_bits, packed_length, unpack_bits
 from latkv.quantizer import Quantizer
@@ -326,12 +326,7 @@ class QET(Quantizer):
         share = self.stage_share
         if isinstance(share, (int, float)) and not isinstance(share, bool):
             share = (share,)
-        if isinstance(share, str):
-            try:
-                share = [float(v) for v in share.split("-")]
-            except ValueError:
-                raise ValueError(f"stage_share must look like '0.7-0.3', got {share!r}") from None
-        share = tuple(float(v) for v in share)
+        share = tuple(float(v) for v in check_dashed(share, "stage_share", float, "0.7-0.3"))
         if not share or any(v <= 0 for v in share) or sum(share) > 1 + 1e-9:
             raise ValueError(f"stage_share must be positive shares summing to at most 1, "
                              f"got {share}")

@@ -117,8 +117,10 @@ def test_bad_arguments():
         latkv.PolarQuant(dim=72, levels=4)
     with pytest.raises(ValueError, match="one width per level"):
         latkv.PolarQuant(dim=64, level_bits=(4, 2))
-    with pytest.raises(ValueError, match="level_bits"):
+    with pytest.raises(ValueError, match="level_bits must look like '4-2-2-2'"):
         latkv.PolarQuant(dim=64, level_bits="4-x-2-2")
+    with pytest.raises(TypeError, match="level_bits must be a sequence"):
+        latkv.PolarQuant(dim=64, level_bits=3.5)
     with pytest.raises(ValueError, match="level_bits"):
         latkv.PolarQuant(dim=64, level_bits=(4, 2, 2, 9))
     with pytest.raises(ValueError, match="levels"):

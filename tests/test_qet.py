@@ -119,7 +119,8 @@ def test_corrupted_codes_are_refused():
     ({"dim": 64, "bits": 0.1}, ValueError, "bits"),
     ({"dim": 64, "bits": "4"}, TypeError, "bits"),
     ({"dim": 64, "stage_share": "0.9-0.3"}, ValueError, "stage_share"),
-    ({"dim": 64, "stage_share": "a-b"}, ValueError, "stage_share"),
+    ({"dim": 64, "stage_share": "a-b"}, ValueError, "stage_share must look like '0.7-0.3'"),
+    ({"dim": 64, "stage_share": {"a": 1}}, TypeError, "stage_share must be a sequence"),
     ({"dim": 64, "codebook_bits": 17}, ValueError, "codebook_bits"),
     ({"dim": 64, "layers": 7}, ValueError, "layers"),
 ])
