@@ -191,6 +191,41 @@ def check_attention_arguments(q_key: Any, key_packed: Any, key_factor: Any, key_
     return key_bits, value_bits, dim, block, heads, blocks, m, float(scale)
 
 
+def attention_workspace(xp: Any, q_key: Any, key_packed: Any, key_factor: Any,
+                        key_centroids: Any, key_bits: Any, key_offset: Any, value_packed: Any,
+                        value_factor: Any, value_centroids: Any, value_bits: Any, dim: Any,
+                        block: Any, scale: Any) -> tuple[tuple, tuple, tuple]:
+    """What every ``codebook_attention`` kernel starts with, in the array module ``xp``.
+
+    The arguments are checked (`check_attention_arguments`), the arrays moved to ``xp`` and
+    made C-contiguous (float32; the packed codes uint8), and the outputs allocated.
+
+    Returns
+    -------
+    arrays : tuple
+        ``(q_key, key_packed, key_factor, key_centroids, key_offset, value_packed,
+        value_factor, value_centroids)``.
+    sizes : tuple
+        ``(key_bits, value_bits, dim, block, heads, blocks, m, scale)``.
+    outputs : tuple
+        Uninitialised float32 ``acc (H, blocks, m, dim)``, ``maximum`` and ``total
+        (H, blocks, m)``.
+    """
+    arrays = [xp.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids, key_offset,
+                                      value_packed, value_factor, value_centroids)]
+    sizes = check_attention_arguments(arrays[0], arrays[1], arrays[2], arrays[3], key_bits,
+                                      arrays[4], arrays[5], arrays[6], arrays[7], value_bits,
+                                      dim, block, scale)
+    _, _, dim, _, heads, blocks, m, _ = sizes
+    packed = (1, 5)
+    arrays = tuple(xp.ascontiguousarray(x, dtype=xp.uint8 if i in packed else xp.float32)
+                   for i, x in enumerate(arrays))
+    outputs = (xp.empty((heads, blocks, m, dim), dtype=xp.float32),
+               xp.empty((heads, blocks, m), dtype=xp.float32),
+               xp.empty((heads, blocks, m), dtype=xp.float32))
+    return arrays, sizes, outputs
+
+
 def combine_partials(maximum: Any, total: Any, axis: int = -1) -> Any:
     """Each partial's weight in the softmax over all of them.
 

@@ -141,9 +141,6 @@ class BlockCodes:
     def __iter__(self):
         return (self[i] for i in range(self.count))
 
-    def as_list(self) -> list[Codes]:
-        return list(self)
-
 
 def fused_codebook_stage(quantizer: Quantizer) -> Any:
     """The TurboQuant stage a fused step can read (mse codes, no outliers, statistics per
@@ -337,32 +334,32 @@ class KVCache:
             output = self._attention(grouped, group, tq, scale, backend)
         return output.reshape(batch, q.shape[1], tq, self.dim)
 
-    def _window_logits(self, grouped: Any, group: int, tq: int, scale: float) -> Any:
-        """Masked float32 logits of the exact window ``(batch, kv_heads, group * tq, w)``."""
-        xp = array_module(grouped)
-        logits = (grouped @ xp.swapaxes(self._keys.astype(xp.float32), -1, -2)
-                  * xp.float32(scale))
-        positions = xp.arange(self.compressed_tokens, self._length)
+    def _causal(self, logits: Any, start: int, group: int, tq: int) -> Any:
+        """``logits (..., group * tq, n)`` of positions ``start ..`` with -inf where a query of
+        the last ``tq`` positions may not look yet (nothing to hide for ``tq = 1``)."""
+        if tq == 1:
+            return logits
+        xp = array_module(logits)
+        positions = xp.arange(start, self._length)
         query_positions = xp.arange(self._length - tq, self._length)
         allowed = xp.tile(positions[None, :] <= query_positions[:, None], (group, 1))
         return xp.where(allowed, logits, -xp.inf)
+
+    def _window_logits(self, grouped: Any, scale: float) -> Any:
+        """float32 logits of the exact window ``(batch, kv_heads, group * tq, w)``, unmasked."""
+        xp = array_module(grouped)
+        return grouped @ xp.swapaxes(self._keys.astype(xp.float32), -1, -2) * xp.float32(scale)
 
     def _attention(self, grouped: Any, group: int, tq: int, scale: float, backend: str) -> Any:
         """The reference step: logits from ``scores``, softmax, sums from ``weighted_sum``."""
         xp = array_module(grouped)
         key_whole, value_whole = self.key_blocks.whole(), self.value_blocks.whole()
-        key_codes = [key_whole] if key_whole is not None else self.key_blocks.as_list()
+        key_codes = [key_whole] if key_whole is not None else list(self.key_blocks)
         pieces = [self.key_quantizer.scores(grouped, codes, backend=backend) * xp.float32(scale)
-                  for codes in (key_codes if len(self.key_blocks) else [])]
+                  for codes in key_codes]
+        pieces.append(self._window_logits(grouped, scale))
+        logits = self._causal(xp.concatenate(pieces, axis=-1), 0, group, tq)
         compressed = self.compressed_tokens
-        if pieces and tq > 1:           # the compressed tokens a query may not see yet
-            positions = xp.arange(compressed)
-            query_positions = xp.arange(self._length - tq, self._length)
-            allowed = xp.tile(positions[None, :] <= query_positions[:, None], (group, 1))
-            pieces = [xp.concatenate(pieces, axis=-1)]
-            pieces[0] = xp.where(allowed, pieces[0], -xp.inf)
-        pieces.append(self._window_logits(grouped, group, tq, scale))
-        logits = xp.concatenate(pieces, axis=-1)
         logits = logits - logits.max(axis=-1, keepdims=True)
         weights = xp.exp(logits)
         weights /= weights.sum(axis=-1, keepdims=True)
@@ -371,7 +368,7 @@ class KVCache:
             output += self.value_quantizer.weighted_sum(weights[..., :compressed], value_whole,
                                                         backend=backend)
         else:
-            for index, codes in enumerate(self.value_blocks.as_list()):
+            for index, codes in enumerate(self.value_blocks):
                 window = weights[..., index * self.block:(index + 1) * self.block]
                 output += self.value_quantizer.weighted_sum(window, codes, backend=backend)
         return output
@@ -427,7 +424,7 @@ class KVCache:
         maxima = [maximum.reshape(batch, heads, blocks, m)]
         totals = [total.reshape(batch, heads, blocks, m)]
         if self._length > tokens:         # the exact window as one more partial
-            logits = self._window_logits(grouped, m // tq, tq, scale)
+            logits = self._causal(self._window_logits(grouped, scale), tokens, m // tq, tq)
             window_max = logits.max(axis=-1)
             exps = xp.exp(logits - window_max[..., None])
             maxima.append(window_max[:, :, None])

@@ -10,23 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_foundation_benchmark_quick_run_validates(tmp_path):
-    out = tmp_path / "foundation.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_foundation.py"),
-                             "--quick", "--json", str(out)], capture_output=True, text=True)
+def run_benchmark(tmp_path, script, *arguments):
+    """Run ``benchmarks/<script> *arguments --json FILE``; its exit status must be 0; the JSON."""
+    out = tmp_path / (Path(script).stem + ".json")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *arguments,
+                             "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    document = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_foundation_benchmark_quick_run_validates(tmp_path):
+    document = run_benchmark(tmp_path, "bench_foundation.py", "--quick")
     assert document["benchmarks"], "no benchmark ran"
 
 
 def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
     import latkv
 
-    out = tmp_path / "turbo_qjl.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_turbo_qjl.py"),
-                             "--quick", "--json", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    document = json.loads(out.read_text())
+    document = run_benchmark(tmp_path, "bench_turbo_qjl.py", "--quick")
     assert document["ok"] and len(document["benchmarks"]) == 18
     for bench in document["benchmarks"]:
         method = {"qjl": latkv.QJL, "polar": latkv.PolarQuant}.get(
@@ -39,11 +40,7 @@ def test_turbo_qjl_benchmark_quick_run_validates(tmp_path):
 
 
 def test_e8_claim_quick_run(tmp_path):
-    out = tmp_path / "e8_claim.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e8_claim.py"),
-                             "--quick", "--json", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    document = json.loads(out.read_text())
+    document = run_benchmark(tmp_path, "e8_claim.py", "--quick")
     assert set(document["curves"]) == {"e8-rans", "e8-rans-no-rotation", "scalar-rans",
                                        "scalar-rans-hadamard", "scalar-minmax", "e8-fixed"}
     # E8 + rANS is never worse in rate than fixed-rate min-max scalar at equal MSE
@@ -54,11 +51,7 @@ def test_e8_claim_quick_run(tmp_path):
 
 
 def test_e8_rate_distortion_quick_run(tmp_path):
-    out = tmp_path / "e8_rate_distortion.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e8_rate_distortion.py"),
-                             "--quick", "--json", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    document = json.loads(out.read_text())
+    document = run_benchmark(tmp_path, "e8_rate_distortion.py", "--quick")
     assert document["ok"] and not document["failures"]
     assert set(document["curves"]) == {
         "e8_entropy", "e8_fixed", "turbo", "scalar_minmax", "uniform_scalar_rans",
@@ -70,12 +63,7 @@ def test_e8_rate_distortion_quick_run(tmp_path):
 
 
 def test_qet_study_quick_run(tmp_path):
-    out = tmp_path / "qet.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "qet_study.py"),
-                             "--quick", "--blocks", "128", "--json", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_benchmark(tmp_path, "qet_study.py", "--quick", "--blocks", "128")["rows"]
     methods = {row["method"] for row in rows}
     assert {"PQ M=4", "QET M=4", "PQ best M", "QET best M", "TurboQuant"} <= methods
     # on full blocks every QET / PQ configuration stays within its bit budget (short tail
@@ -86,12 +74,7 @@ def test_qet_study_quick_run(tmp_path):
 
 
 def test_decode_attention_quick_run(tmp_path):
-    out = tmp_path / "decode.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_attention.py"),
-                             "--quick", "--rounds", "1", "--json", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_benchmark(tmp_path, "decode_attention.py", "--quick", "--rounds", "1")["rows"]
     assert [(r["tokens"], r["label"]) for r in rows] == [
         (tokens, f"K {pair.replace('|', ' | V ')}") for tokens in (1024, 2048)
         for pair in ("turbo:4|turbo:4", "turbo:2|turbo:2",
@@ -107,11 +90,7 @@ def test_decode_attention_quick_run(tmp_path):
 
 
 def test_kv_split_study_quick_run(tmp_path):
-    out = tmp_path / "split.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kv_split_study.py"),
-                             "--quick", "--json", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    sample = json.loads(out.read_text())["sample"]
+    sample = run_benchmark(tmp_path, "kv_split_study.py", "--quick")["sample"]
     rows = {(r["family"], r["label"]): r for r in sample["rows"]}
     assert rows[("fp16", "fp16")]["bytes_vs_fp16"] == 1.0
     # top-8 agreement depends on the keys alone: K4V2 ranks keys exactly as K4V4 does

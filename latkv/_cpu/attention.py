@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from latkv._cpu.codebook import _decode_row, _dot
 from latkv._cpu.serial import kernel_for
-from latkv.attention import check_attention_arguments
+from latkv.attention import attention_workspace
 
 
 @njit(error_model="numpy", cache=True)
@@ -171,23 +171,14 @@ def codebook_attention(q_key: np.ndarray, key_packed: np.ndarray, key_factor: np
     >>> all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(fast, reference))
     True
     """
-    arrays = [np.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids, key_offset,
-                                      value_packed, value_factor, value_centroids)]
-    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
-     value_centroids) = arrays
-    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
-        q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
+    arrays, sizes, (acc, maximum, total) = attention_workspace(
+        np, q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
         value_factor, value_centroids, value_bits, dim, block, scale)
-    acc = np.empty((heads, blocks, m, dim), np.float32)
-    maximum = np.empty((heads, blocks, m), np.float32)
-    total = np.empty((heads, blocks, m), np.float32)
     if maximum.size == 0:
         return acc, maximum, total
-    floats = [np.ascontiguousarray(x, dtype=np.float32) for x in (
-        q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids)]
-    q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids = floats
-    key_packed = np.ascontiguousarray(key_packed)
-    value_packed = np.ascontiguousarray(value_packed)
+    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
+     value_centroids) = arrays
+    key_bits, value_bits, _, block, _, _, _, scale = sizes
     kernel = kernel_for(_codebook_attention, acc.size * block)
     kernel(q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
            value_factor, value_centroids, value_bits, np.float32(scale), acc, maximum, total)

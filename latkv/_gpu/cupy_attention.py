@@ -23,7 +23,7 @@ import numpy as np
 
 from latkv._gpu.cuda_sources import ATTENTION_BIT_PAIRS
 from latkv._gpu.cupy_modules import kernel
-from latkv.attention import check_attention_arguments
+from latkv.attention import attention_workspace
 
 # Threads per thread block: one thread per token of a chunk of the block (and at most
 # ATTENTION_MAX_THREADS = 256 in attention.cu); blocks of at most SHORT_BLOCK tokens get
@@ -113,24 +113,14 @@ def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroi
     """
     import cupy
 
-    arrays = [cupy.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids,
-                                        key_offset, value_packed, value_factor,
-                                        value_centroids)]
-    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
-     value_centroids) = arrays
-    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
-        q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
+    arrays, sizes, (acc, maximum, total) = attention_workspace(
+        cupy, q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
         value_factor, value_centroids, value_bits, dim, block, scale)
-    acc = cupy.empty((heads, blocks, m, dim), dtype=cupy.float32)
-    maximum = cupy.empty((heads, blocks, m), dtype=cupy.float32)
-    total = cupy.empty((heads, blocks, m), dtype=cupy.float32)
     if maximum.size == 0:
         return acc, maximum, total
-    floats = [cupy.ascontiguousarray(x, dtype=cupy.float32) for x in (
-        q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids)]
-    q_key, key_factor, key_centroids, key_offset, value_factor, value_centroids = floats
-    key_packed = cupy.ascontiguousarray(key_packed, dtype=cupy.uint8)
-    value_packed = cupy.ascontiguousarray(value_packed, dtype=cupy.uint8)
+    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
+     value_centroids) = arrays
+    key_bits, value_bits, dim, block, heads, blocks, m, scale = sizes
     threads = SHORT_BLOCK_THREADS if block <= SHORT_BLOCK else THREADS
     pairs = heads * blocks
     function = kernel("attention.cu", kernel_name(key_bits, value_bits, m))

@@ -43,7 +43,7 @@ from numba import cuda, float32
 
 from latkv._gpu.numba_codebook import MAX_LEVELS, _code_at
 from latkv._gpu.numba_launch import MAX_BLOCKS, THREADS_PER_BLOCK, DeviceArrays
-from latkv.attention import check_attention_arguments
+from latkv.attention import attention_workspace
 
 #: most threads of a CUDA block (a power of two); a tile has one token per thread
 MAX_THREADS = THREADS_PER_BLOCK
@@ -243,25 +243,13 @@ def codebook_attention(q_key: Any, key_packed: Any, key_factor: Any, key_centroi
         `latkv.attention.codebook_attention_reference`.
     """
     arrays = DeviceArrays(q_key)
-    inputs = [arrays.xp.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids,
-                                             key_offset, value_packed, value_factor,
-                                             value_centroids)]
-    (q_key, key_packed, key_factor, key_centroids, key_offset, value_packed, value_factor,
-     value_centroids) = inputs
-    key_bits, value_bits, dim, block, heads, blocks, m, scale = check_attention_arguments(
-        q_key, key_packed, key_factor, key_centroids, key_bits, key_offset, value_packed,
-        value_factor, value_centroids, value_bits, dim, block, scale)
-    acc = arrays.empty((heads, blocks, m, dim), np.float32)
-    maximum = arrays.empty((heads, blocks, m), np.float32)
-    total = arrays.empty((heads, blocks, m), np.float32)
+    inputs, sizes, (acc, maximum, total) = attention_workspace(
+        arrays.xp, q_key, key_packed, key_factor, key_centroids, key_bits, key_offset,
+        value_packed, value_factor, value_centroids, value_bits, dim, block, scale)
     if maximum.size == 0:
         return acc, maximum, total
-    device_inputs = (
-        arrays.put(q_key, np.float32), arrays.put(key_packed, np.uint8),
-        arrays.put(key_factor, np.float32), arrays.put(key_centroids, np.float32),
-        arrays.put(key_offset, np.float32), arrays.put(value_packed, np.uint8),
-        arrays.put(value_factor, np.float32), arrays.put(value_centroids, np.float32))
-    arrays.launch(_attention_kernel, min(heads * blocks, MAX_BLOCKS), device_inputs,
+    key_bits, value_bits, _, block, heads, blocks, _, scale = sizes
+    arrays.launch(_attention_kernel, min(heads * blocks, MAX_BLOCKS), inputs,
                   (acc, maximum, total), (key_bits, value_bits, np.float32(scale)),
                   threads=threads_for(block))
     return acc, maximum, total
