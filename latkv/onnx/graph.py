@@ -1,0 +1,222 @@
+"""A small ONNX graph builder and the pieces every latkv graph shares.
+
+`Graph` collects nodes, initializers, inputs and outputs and names every value uniquely; the
+functions below it build the shared pieces of the standard-flavour graphs out of standard ONNX
+ops, each the exact counterpart of a latkv reference so that encode graphs write the same bits:
+
+- `pack_bits` / `unpack_bits`: the LSB-first layout of `latkv.packing` with BitShift,
+  BitwiseAnd and integer sums;
+- `vector_norms`: ``||y||`` summed in float64, as `latkv.qjl.vector_norms`;
+- `count_below`: the number of boundaries strictly below a value, which is
+  ``searchsorted(boundaries, u, side="left")``;
+- `rows` / `restore_rows`: a ``(..., k)`` value as ``(rows, k)`` and back (the leading shape is
+  read at run time, so batch and token axes stay dynamic).
+
+Values are referred to by name (``str``); shapes are rank-agnostic where the op allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ONNX_TYPES = {
+    "float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7,
+    "bool": 9, "float16": 10, "float64": 11, "uint32": 12, "uint64": 13,
+}
+
+
+def onnx_type(dtype: Any) -> int:
+    """The ``onnx.TensorProto`` element type of a NumPy dtype."""
+    return ONNX_TYPES[np.dtype(dtype).name]
+
+
+class Graph:
+    """Nodes, initializers and named values of one ONNX graph under construction.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.onnx.graph import Graph
+    >>> g = Graph("double")
+    >>> x = g.input("x", "float32", ["n"])
+    >>> g.output(g.op("Mul", x, g.constant(np.float32(2), "two")), "y", "float32", ["n"])
+    >>> g.model(opset=21).graph.node[0].op_type
+    'Mul'
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.inputs: list[Any] = []
+        self.outputs: list[Any] = []
+        self.domains: dict[str, int] = {}
+        self._names: set[str] = set()
+        self._count = 0
+        self._constants: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        """A new internal value name ``hint.N`` (inputs and outputs have no dot in their
+        names, so they never clash)."""
+        self._count += 1
+        name = f"{hint}.{self._count}"
+        self._names.add(name)
+        return name
+
+    def input(self, name: str, dtype: Any, shape: list[Any]) -> str:
+        from onnx import helper
+
+        self._names.add(name)
+        self.inputs.append(helper.make_tensor_value_info(name, onnx_type(dtype), shape))
+        return name
+
+    def output(self, value: str, name: str, dtype: Any, shape: list[Any] | None) -> None:
+        """Expose ``value`` as the graph output ``name`` (an Identity node renames it)."""
+        from onnx import helper
+
+        self._names.add(name)
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, onnx_type(dtype), shape))
+
+    def constant(self, value: Any, hint: str = "const") -> str:
+        """An initializer holding ``value`` (its NumPy dtype kept); equal constants are shared."""
+        from onnx import numpy_helper
+
+        array = np.asarray(value)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self.fresh(hint)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "",
+           hint: str | None = None, **attributes: Any) -> Any:
+        """Add one node; returns its output name (a list of names when ``outputs > 1``)."""
+        from onnx import helper
+
+        names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain or None,
+                                           **attributes))
+        return names[0] if outputs == 1 else names
+
+    def model(self, opset: int, metadata: dict[str, str] | None = None) -> Any:
+        """The ``onnx.ModelProto``: this graph at ``opset`` plus any custom domains used."""
+        from onnx import helper
+
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
+                                  self.initializers)
+        imports = [helper.make_opsetid("", opset)]
+        imports += [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
+        model = helper.make_model(graph, opset_imports=imports, producer_name="latkv")
+        # the IR version onnxruntime reads back to 1.18 (IR 10 since onnx 1.16)
+        model.ir_version = min(model.ir_version, 10)
+        for key, value in (metadata or {}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        return model
+
+
+# -- shapes -----------------------------------------------------------------------------------
+
+
+def leading_shape(g: Graph, x: str) -> str:
+    """``shape(x)[:-1]`` as an int64 vector."""
+    return g.op("Shape", x, end=-1, hint="lead")
+
+
+def rows(g: Graph, x: str, width: int) -> str:
+    """``x : (..., width)`` as ``(rows, width)``."""
+    return g.op("Reshape", x, g.constant(np.array([-1, width], np.int64)), hint="rows")
+
+
+def restore_rows(g: Graph, x: str, lead: str, tail: tuple[int, ...]) -> str:
+    """``x : (rows, *tail)`` back to ``(*lead, *tail)`` (``lead`` from `leading_shape`)."""
+    shape = g.op("Concat", lead, g.constant(np.array(tail, np.int64)), axis=0)
+    return g.op("Reshape", x, shape, hint="restored")
+
+
+def last_axis_sum(g: Graph, x: str, keepdims: int = 0) -> str:
+    return g.op("ReduceSum", x, g.constant(np.array([-1], np.int64)), keepdims=keepdims)
+
+
+# -- the shared pieces ------------------------------------------------------------------------
+
+
+def pack_bits(g: Graph, codes: str, bits: int, n: int) -> str:
+    """`latkv.pack_bits` of ``codes : (..., n)`` uint8 -> ``(..., ceil(n bits / 8))`` uint8."""
+    if bits == 8:
+        return codes
+    width = (n * bits + 7) // 8
+    lead = leading_shape(g, codes)
+    flat = rows(g, codes, n)
+    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+                 g.constant(np.arange(bits, dtype=np.uint8)), direction="RIGHT")
+    plane = g.op("BitwiseAnd", plane, g.constant(np.uint8(1)))
+    plane = g.op("Reshape", plane, g.constant(np.array([-1, n * bits], np.int64)))
+    if width * 8 != n * bits:  # unused high bits of the last byte are zero
+        plane = g.op("Pad", plane, g.constant(np.array([0, 0, 0, width * 8 - n * bits],
+                                                       np.int64)))
+    plane = g.op("Cast", g.op("Reshape", plane, g.constant(np.array([-1, width, 8], np.int64))),
+                 to=onnx_type("int32"))
+    weighted = g.op("Mul", plane, g.constant((1 << np.arange(8)).astype(np.int32)))
+    packed = g.op("Cast", last_axis_sum(g, weighted), to=onnx_type("uint8"))
+    return restore_rows(g, packed, lead, (width,))
+
+
+def unpack_bits(g: Graph, packed: str, bits: int, n: int) -> str:
+    """`latkv.unpack_bits`: ``(..., ceil(n bits / 8))`` uint8 -> ``(..., n)`` int64 codes."""
+    width = (n * bits + 7) // 8
+    if bits == 8:
+        return g.op("Cast", packed, to=onnx_type("int64"))
+    lead = leading_shape(g, packed)
+    flat = rows(g, packed, width)
+    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+                 g.constant(np.arange(8, dtype=np.uint8)), direction="RIGHT")
+    plane = g.op("BitwiseAnd", plane, g.constant(np.uint8(1)))
+    plane = g.op("Reshape", plane, g.constant(np.array([-1, width * 8], np.int64)))
+    if width * 8 != n * bits:
+        plane = g.op("Slice", plane, g.constant(np.array([0], np.int64)),
+                     g.constant(np.array([n * bits], np.int64)),
+                     g.constant(np.array([1], np.int64)))
+    plane = g.op("Cast", g.op("Reshape", plane, g.constant(np.array([-1, n, bits], np.int64))),
+                 to=onnx_type("int64"))
+    weighted = g.op("Mul", plane, g.constant((1 << np.arange(bits)).astype(np.int64)))
+    return restore_rows(g, last_axis_sum(g, weighted), lead, (n,))
+
+
+def vector_norms(g: Graph, y: str) -> str:
+    """``||y||`` over the last axis summed in float64 (float64 result; `latkv.qjl.vector_norms`)."""
+    y64 = g.op("Cast", y, to=onnx_type("float64"))
+    return g.op("Sqrt", last_axis_sum(g, g.op("Mul", y64, y64)), hint="norm")
+
+
+def count_below(g: Graph, u: str, boundaries: np.ndarray) -> str:
+    """``sum(boundaries < u_j)`` per element: ``(..., d)`` float32 -> ``(..., d)`` uint8.
+
+    Equals ``searchsorted(boundaries, u, side="left")`` for increasing ``boundaries``.
+    """
+    below = g.op("Less", g.constant(np.asarray(boundaries, np.float32), "boundaries"),
+                 g.op("Unsqueeze", u, g.constant(np.array([-1], np.int64))))
+    count = last_axis_sum(g, g.op("Cast", below, to=onnx_type("int32")))
+    return g.op("Cast", count, to=onnx_type("uint8"), hint="codes")
+
+
+def safe_divisor(g: Graph, norm64: str) -> str:
+    """``where(norm > 0, norm, 1)`` as float32 (a zero vector divides by 1)."""
+    norm32 = g.op("Cast", norm64, to=onnx_type("float32"))
+    one = g.constant(np.float32(1))
+    return g.op("Where", g.op("Greater", norm32, g.constant(np.float32(0))), norm32, one)
+
+
+def float16_norm(g: Graph, norm64: str) -> str:
+    """The float64 norms rounded to the stored float16 (values past 65504 become inf;
+    `latkv.onnx.run` and the tests compare against the library, which refuses them)."""
+    return g.op("Cast", norm64, to=onnx_type("float16"), hint="norm16")
+
+
+def gather_rows(g: Graph, table: np.ndarray, index: str, hint: str) -> str:
+    """``table[index]`` for an int64 ``index`` of any shape (float32 result)."""
+    return g.op("Gather", g.constant(np.asarray(table, np.float32), hint), index, axis=0)

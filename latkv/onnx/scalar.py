@@ -1,0 +1,7 @@
+"""scalar: its standard-flavour graph is not written yet."""
+
+OPSET = 18
+
+
+def check(qz):
+    raise ValueError("scalar has no standard-flavour ONNX graph yet; export it with flavour='custom'")
