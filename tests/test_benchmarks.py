@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,3 +105,13 @@ def test_kv_split_study_quick_run(tmp_path):
     for family, budgets in sample["best_per_family"].items():
         for budget, row in budgets.items():
             assert row["measured_bits_per_coordinate"] <= float(budget) + 1e-9
+
+
+def test_onnx_speed_benchmark_quick_run_validates(tmp_path):
+    pytest.importorskip("onnxruntime")
+    document = run_benchmark(tmp_path, "onnx_speed.py", "--quick")
+    assert document["ok"] and len(document["entries"]) == 8
+    for entry in document["entries"]:
+        # every step was checked against latkv and timed through the standard graph
+        assert entry["onnxruntime_standard_over_latkv"] > 0
+        assert not entry["skipped"]

@@ -211,10 +211,35 @@ def safe_divisor(g: Graph, norm64: str) -> str:
     return g.op("Where", g.op("Greater", norm32, g.constant(np.float32(0))), norm32, one)
 
 
-def float16_norm(g: Graph, norm64: str) -> str:
-    """The float64 norms rounded to the stored float16 (values past 65504 become inf;
-    `latkv.onnx.run` and the tests compare against the library, which refuses them)."""
-    return g.op("Cast", norm64, to=onnx_type("float16"), hint="norm16")
+def float16_from_float64(g: Graph, value: str) -> str:
+    """``value.astype(float16)`` of a float64 ``value``, rounded once, as NumPy does.
+
+    onnxruntime's Cast double -> float16 goes through float32 and so rounds twice (wrong in
+    about 1 of 20 000 values). Here: the float16 spacing of ``|value|``'s binade, ``2^(e - 10)``
+    with ``e = max(floor(log2 |value|), -14)`` (counted against exact powers of two;
+    subnormals share ``2^-24``), then ``Round(|value| / spacing) * spacing`` (half to even,
+    exact in float64), the sign put back; past 65504 the result is ``inf``, as NumPy's.
+    """
+    magnitude = g.op("Abs", value)
+    powers = g.constant(2.0 ** np.arange(-13, 16, dtype=np.float64), "binades")
+    above = g.op("GreaterOrEqual", g.op("Unsqueeze", magnitude,
+                                        g.constant(np.array([-1], np.int64))), powers)
+    binade = last_axis_sum(g, g.op("Cast", above, to=onnx_type("int64")))
+    spacings = 2.0 ** (np.arange(-14, 16, dtype=np.float64) - 10)
+    spacing = g.op("Gather", g.constant(spacings, "float16_spacings"), binade, axis=0)
+    rounded = g.op("Mul", g.op("Round", g.op("Div", magnitude, spacing)), spacing)
+    overflow = g.op("Greater", rounded, g.constant(np.float64(np.finfo(np.float16).max)))
+    rounded = g.op("Where", overflow, g.constant(np.float64(np.inf)), rounded)
+    # negative, -0.0 included: 1 / value < 0
+    negative = g.op("Less", g.op("Div", g.constant(np.float64(1)), value),
+                    g.constant(np.float64(0)))
+    # a sign factor, not Where(negative, -rounded, rounded): onnxruntime's Where drops the
+    # sign of -0.0
+    sign = g.op("Where", negative, g.constant(np.float64(-1)), g.constant(np.float64(1)))
+    signed = g.op("Mul", rounded, sign)
+    # exact from here: the value is a float16 (or inf) already
+    return g.op("Cast", g.op("Cast", signed, to=onnx_type("float32")),
+                to=onnx_type("float16"), hint="float16")
 
 
 def gather_rows(g: Graph, table: np.ndarray, index: str, hint: str) -> str:

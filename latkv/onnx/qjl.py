@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from latkv.onnx.graph import Graph, onnx_type, pack_bits, unpack_bits, vector_norms
+from latkv.onnx.graph import (Graph, float16_from_float64, onnx_type, pack_bits, unpack_bits,
+                              vector_norms)
 from latkv.onnx.standard import refuse_channel_split
 from latkv.qjl import QJL, QJL_SCALE
 
@@ -47,8 +48,9 @@ def scaled(g: Graph, values: str, factor: str, constant: float) -> str:
 def encode(g: Graph, qz: QJL, x: str) -> dict[str, str]:
     stage = qz.stages()[0]
     norm = vector_norms(g, x)
-    return {"signs": sign_bits(g, x, stage.sketch),
-            "norm": g.op("Cast", norm, to=onnx_type(stage.norm_dtype))}
+    stored = (float16_from_float64(g, norm) if stage.norm_dtype == "float16"
+              else g.op("Cast", norm, to=onnx_type("float32")))
+    return {"signs": sign_bits(g, x, stage.sketch), "norm": stored}
 
 
 def rotate(g: Graph, qz: QJL, q: str) -> str:

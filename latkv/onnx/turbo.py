@@ -14,6 +14,7 @@ import numpy as np
 from latkv.onnx.graph import (
     Graph,
     count_below,
+    float16_from_float64,
     gather_rows,
     last_axis_sum,
     onnx_type,
@@ -33,10 +34,6 @@ OPSET = 18
 
 def check(qz: TurboQuant) -> None:
     refuse_channel_split(qz)
-
-
-def _float16(g: Graph, value: str) -> str:
-    return g.op("Cast", value, to=onnx_type("float16"))
 
 
 def encode(g: Graph, qz: TurboQuant, x: str) -> dict[str, str]:
@@ -65,11 +62,11 @@ def encode(g: Graph, qz: TurboQuant, x: str) -> dict[str, str]:
         positive = g.op("Greater", denominator, g.constant(np.float64(0)))
         denominator = g.op("Where", positive, denominator, g.constant(np.float64(1)))
         factor = g.op("Div", g.op("Mul", norm, numerator), denominator)
-    arrays["norm"] = _float16(g, factor)
+    arrays["norm"] = float16_from_float64(g, factor)
     if qz.mode == "prod":                                           # Algorithm 2, line 6
         residual = u if u_hat is None else g.op("Sub", u, u_hat)
         arrays["signs"] = sign_bits(g, residual, stage.sketch)
-        arrays["residual_norm"] = _float16(g, vector_norms(g, residual))
+        arrays["residual_norm"] = float16_from_float64(g, vector_norms(g, residual))
     return arrays
 
 
