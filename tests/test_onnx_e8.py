@@ -204,6 +204,7 @@ def test_entropy_coded_form_is_refused(what):
         latkv.onnx.export(coded, what)
 
 
-def test_channel_statistics_are_refused():
-    with pytest.raises(ValueError, match="channel statistics"):
-        latkv.onnx.export(latkv.E8Quant(dim=64, bits=4, center=True), "encode")
+def test_local_statistics_are_refused():
+    with pytest.raises(ValueError, match="local_stats"):
+        latkv.onnx.export(latkv.E8Quant(dim=64, bits=4, center=True, local_stats=True),
+                          "encode")

@@ -71,8 +71,9 @@ def test_one_graph_serves_any_batch_and_token_count():
         np.testing.assert_array_equal(norm, qz.encode(x)["norm"])
 
 
-def test_channel_statistics_have_no_standard_graph():
-    with pytest.raises(ValueError, match="flavour='custom'"):
-        latkv.onnx.export(latkv.TurboQuant(dim=64, bits=4, center=True), "encode")
+def test_outliers_and_local_statistics_have_no_standard_graph():
     with pytest.raises(ValueError, match="flavour='custom'"):
         latkv.onnx.export(latkv.TurboQuant(dim=64, bits=2, outlier_channels=16), "encode")
+    with pytest.raises(ValueError, match="flavour='custom'"):
+        latkv.onnx.export(latkv.TurboQuant(dim=64, bits=4, center=True, local_stats=True),
+                          "encode")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from latkv.checks import check_choice
+from latkv.onnx import channel_transform
 from latkv.onnx.graph import Graph, onnx_type
 from latkv.quantizer import Quantizer
 
@@ -117,22 +118,21 @@ def build_standard(what: str, keys: Quantizer, values: Quantizer, dtype: str,
     opset = key_module.OPSET
     if what == "encode":
         x = _float_input(g, "x", dtype, [*leading, dim])
-        for key, value in key_module.encode(g, keys, x).items():
-            shape, array_dtype = array_shapes(keys, leading)[key]
-            g.output(value, key, array_dtype, shape)
+        statistics, y = channel_transform.fit_and_apply(g, keys, x)
+        arrays = {**statistics, **key_module.encode(g, keys, y)}
+        for key, (shape, array_dtype) in array_shapes(keys, leading).items():
+            g.output(arrays[key], key, array_dtype, shape)
     elif what == "decode":
         arrays = _array_inputs(g, keys, leading)
-        x_hat = key_module.unrotate(g, keys, key_module.rotated_decode(g, keys, arrays))
+        x_hat = decoded(g, keys, key_module, arrays)
         if dtype != "float32":
             x_hat = g.op("Cast", x_hat, to=onnx_type(dtype))
         g.output(x_hat, "x_hat", dtype, [*leading, dim])
     elif what == "scores":
         q = _float_input(g, "q", dtype, [*leading[:-1], "queries", dim])
         arrays = _array_inputs(g, keys, leading)
-        estimate = key_module.rotated_decode(g, keys, arrays)
-        scores = g.op("MatMul", key_module.rotate(g, keys, q),
-                      _transpose_last(g, estimate, len(leading) + 1))
-        g.output(scores, "scores", "float32", [*leading[:-1], "queries", leading[-1]])
+        g.output(scores(g, q, keys, key_module, arrays, len(leading) + 1), "scores", "float32",
+                 [*leading[:-1], "queries", leading[-1]])
     else:
         value_module = standard_module(values)
         opset = max(opset, value_module.OPSET)
@@ -152,19 +152,46 @@ def _transpose_last(g: Graph, value: str, rank: int) -> str:
     return g.op("Transpose", value, perm=order)
 
 
+def _statistics(arrays: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in arrays.items() if k in ("channel_mean", "channel_scale")}
+
+
+def decoded(g: Graph, qz: Quantizer, module: Any, arrays: dict[str, str]) -> str:
+    """``x_hat`` from the arrays: the stage's estimate rotated back, the statistics undone."""
+    y_hat = module.unrotate(g, qz, module.rotated_decode(g, qz, arrays))
+    return channel_transform.invert(g, y_hat, _statistics(arrays))
+
+
+def scores(g: Graph, q: str, qz: Quantizer, module: Any, arrays: dict[str, str],
+           rank: int) -> str:
+    """``q @ x_hat^T`` as ``<R (q * scale), y_hat> + <q, mean>``: one rotation per query."""
+    statistics = _statistics(arrays)
+    rotated = module.rotate(g, qz, channel_transform.transformed_query(g, q, statistics))
+    result = g.op("MatMul", rotated,
+                  _transpose_last(g, module.rotated_decode(g, qz, arrays), rank))
+    offset = channel_transform.query_offset(g, q, statistics)
+    return result if offset is None else g.op("Add", result, offset)
+
+
+def weighted_sum(g: Graph, weights: str, qz: Quantizer, module: Any,
+                 arrays: dict[str, str]) -> str:
+    """``weights @ x_hat``: summed in the stage's domain, rotated back once per query."""
+    summed = module.unrotate(g, qz, g.op("MatMul", weights,
+                                         module.rotated_decode(g, qz, arrays)))
+    totals = g.op("ReduceSum", weights, g.constant(np.array([-1], np.int64)), keepdims=1)
+    return channel_transform.invert(g, summed, _statistics(arrays), totals)
+
+
 def attention_graph(g: Graph, q: str, keys: Quantizer, key_module: Any,
                     key_arrays: dict[str, str], values: Quantizer, value_module: Any,
                     value_arrays: dict[str, str], rank: int, scale: float | None) -> str:
     """``softmax(scale q K_hat^T) V_hat`` from the codes: scores in the key quantizer's domain,
     the value sum in the value quantizer's, rotated back once per query."""
     scale = 1.0 / np.sqrt(keys.dim) if scale is None else float(scale)
-    key_estimate = key_module.rotated_decode(g, keys, key_arrays)
-    logits = g.op("MatMul", key_module.rotate(g, keys, q),
-                  _transpose_last(g, key_estimate, rank))
-    logits = g.op("Mul", logits, g.constant(np.float32(scale)))
+    logits = g.op("Mul", scores(g, q, keys, key_module, key_arrays, rank),
+                  g.constant(np.float32(scale)))
     weights = g.op("Softmax", logits, axis=-1)
-    summed = g.op("MatMul", weights, value_module.rotated_decode(g, values, value_arrays))
-    return value_module.unrotate(g, values, summed)
+    return weighted_sum(g, weights, values, value_module, value_arrays)
 
 
 def export(quantizer: Any, what: str = "encode", path: str | os.PathLike | None = None, *,

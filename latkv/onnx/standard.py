@@ -4,8 +4,9 @@ Each module (`latkv.onnx.turbo`, `latkv.onnx.qjl`, ...) offers, for its quantize
 
 - ``OPSET``: the lowest opset its graphs need;
 - ``check(qz)``: raise ``ValueError`` for a configuration standard ops cannot express;
-- ``encode(g, qz, x) -> {array name: value}``: ``x : (..., dim)`` float32 to the arrays of
-  ``qz.code_layout`` with the same dtypes, shapes and bits as ``qz.encode``;
+- ``encode(g, qz, x) -> {array name: value}``: ``x : (..., dim)`` float32 (after the channel
+  pre-transform, if any) to the stage's arrays of ``qz.code_layout`` with the same dtypes,
+  shapes and bits as ``qz.encode``;
 - ``rotate(g, qz, q)``: a query ``(..., dim)`` into the domain the codes are estimated in;
 - ``rotated_decode(g, qz, arrays)``: the codes' estimate ``(..., k)`` float32 in that domain;
 - ``unrotate(g, qz, y)``: ``(..., k)`` back to ``(..., dim)``.
@@ -21,11 +22,12 @@ from typing import Any
 
 
 def refuse_channel_split(qz: Any) -> None:
-    """Refuse channel statistics and outlier channels (not in the standard graphs yet)."""
-    if qz.channel_transform.active or qz.outlier_count:
+    """Refuse outlier channels and per-block statistics (no standard graph); the frozen
+    ``center`` / ``channel_scale`` transform has one (`latkv.onnx.channel_transform`)."""
+    if qz.outlier_count or (qz.channel_transform.active and qz.local_stats):
         raise ValueError(
-            f"{qz.spec}: channel statistics (center, channel_scale) and outlier channels have "
-            "no standard-flavour graph; export with flavour='custom', which runs latkv itself")
+            f"{qz.spec}: outlier channels and local_stats have no standard-flavour graph; "
+            "export with flavour='custom', which runs latkv itself")
 
 
 def standard_module(qz: Any) -> ModuleType:
