@@ -29,8 +29,8 @@ def _axes(g: Graph, *axes: int) -> str:
 def fit_and_apply(g: Graph, qz: Any, x: str) -> tuple[dict[str, str], str]:
     """``(statistics arrays, y)`` for ``x : (..., tokens, dim)`` float32 (`ChannelTransform.fit`
     then ``apply``)."""
-    transform = qz.channel_transform
-    if not transform.active:
+    transform = getattr(qz, "channel_transform", None)   # ScalarQuant has none
+    if transform is None or not transform.active:
         return {}, x
     prefill = g.op("Slice", x, g.constant(np.array([0], np.int64)),
                    g.constant(np.array([transform.stats_tokens], np.int64)), _axes(g, -2))
