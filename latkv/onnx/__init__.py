@@ -6,7 +6,7 @@ per step (``ai.onnx.contrib`` domain, run by latkv through onnxruntime-extension
 Needs the ``onnx`` extra: ``pip install latkv[onnx]``.
 """
 
-from latkv.onnx.export import FORMAT_VERSION, export
-from latkv.onnx.session import session
+from latkv.onnx.model import FORMAT_VERSION, export
+from latkv.onnx.runtime import session
 
 __all__ = ["FORMAT_VERSION", "export", "session"]

@@ -52,7 +52,7 @@ def op_type(what: str, keys: Quantizer, values: Quantizer | None = None) -> str:
 def build_custom(what: str, keys: Quantizer, values: Quantizer, dtype: str,
                  leading: tuple[str, ...], scale: float | None) -> tuple[Graph, int]:
     """The custom-flavour graph: graph inputs -> one latkv node -> graph outputs."""
-    from latkv.onnx.export import FORMAT_VERSION, array_shapes
+    from latkv.onnx.model import FORMAT_VERSION, array_shapes
 
     for qz in (keys, values) if what == "attention" else (keys,):
         if what != "encode" and qz.variable_rate:
@@ -193,7 +193,7 @@ def take_errors() -> list[str]:
 def check_custom_nodes(model: Any, entries: dict[str, str]) -> None:
     """Refuse a custom model whose node disagrees with its metadata (op type, attributes,
     number and names of inputs and outputs)."""
-    from latkv.onnx.export import FORMAT_VERSION
+    from latkv.onnx.model import FORMAT_VERSION
 
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     others = [n.op_type for n in model.graph.node if n.domain != DOMAIN and n.op_type != "Cast"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from latkv.onnx.export import FLAVOURS, FORMAT_VERSION, WHATS
+from latkv.onnx.model import FLAVOURS, FORMAT_VERSION, WHATS
 
 REQUIRED = ("latkv_format", "latkv_version", "latkv_what", "latkv_flavour", "latkv_spec",
             "latkv_dtype")

@@ -9,7 +9,7 @@ pytest.importorskip("onnxruntime_extensions")
 
 import latkv
 import latkv.onnx
-from latkv.onnx.export import FORMAT_VERSION
+from latkv.onnx import FORMAT_VERSION
 
 # one configuration per method the custom flavour runs, statistics and outliers included
 CUSTOM_SPECS = ["turbo:4", "turbo:3,mode=prod", "turbo:2,outlier_channels=16,center=True",
@@ -254,3 +254,13 @@ def test_export_option_errors():
         latkv.onnx.export(qz, "attention", values=latkv.TurboQuant(dim=32, bits=4))
     with pytest.raises(ValueError, match="dynamic axes"):
         latkv.onnx.export(latkv.quantizer("qet:3", dim=64), "encode", flavour="custom")
+
+
+def test_the_docs_pipeline_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "onnx.md"
+    block = re.search(r"```python\n(.*?)```", page.read_text(), re.DOTALL).group(1)
+    exec(compile(block, str(page), "exec"), {})   # its own assert checks the codes
+    assert capsys.readouterr().out.strip() == "0.2"
