@@ -139,10 +139,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--specs", nargs="+", default=list(SPECS))
     parser.add_argument("--quick", action="store_true", help="small sizes, two specs")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
-    specs = SPECS
+    specs = arguments.specs
     if arguments.quick:
         arguments.tokens, arguments.rounds, specs = 64, 2, ("turbo:4", "qjl:256")
     import onnxruntime

@@ -18,7 +18,7 @@ def run(g, feeds):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("n", [1, 5, 13, 64])
+@pytest.mark.parametrize("n", [1, 5, 13, 24, 64])
 def test_pack_and_unpack_equal_the_library(bits, n):
     g = Graph("pack")
     codes = g.input("codes", "uint8", ["rows", n])
@@ -50,16 +50,25 @@ def test_float16_rounding_is_numpys_single_rounding():
         assert (values.astype(np.float32).astype(np.float16) != expected).sum() > 1000
 
 
-def test_counts_and_norms():
-    boundaries = np.array([-0.5, -0.1, 0.0, 0.2, 0.7], np.float32)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_count_below_is_searchsorted_left(bits):
+    rng = np.random.default_rng(bits)
+    boundaries = np.sort(rng.standard_normal((1 << bits) - 1)).astype(np.float32)
     g = Graph("count")
-    u = g.input("u", "float32", ["rows", 7])
-    g.output(count_below(g, u, boundaries), "codes", "uint8", None)
-    g.output(vector_norms(g, u), "norm", "float64", None)
-    values = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
-    values[0, :5] = boundaries                       # a value on a boundary is not above it
-    codes, norm = run(g, {"u": values})
+    g.output(count_below(g, g.input("u", "float32", ["rows", 9]), boundaries), "codes",
+             "uint8", None)
+    values = rng.standard_normal((300, 9)).astype(np.float32) * 1.5
+    values.flat[: boundaries.size] = boundaries                    # on a boundary: not above
+    values.flat[boundaries.size: 2 * boundaries.size] = np.nextafter(boundaries, np.inf)
+    (codes,) = run(g, {"u": values})
     np.testing.assert_array_equal(codes, np.searchsorted(boundaries, values, side="left"))
+
+
+def test_norms_sum_in_float64():
+    g = Graph("norm")
+    g.output(vector_norms(g, g.input("u", "float32", ["rows", 7])), "norm", "float64", None)
+    values = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
+    (norm,) = run(g, {"u": values})
     np.testing.assert_allclose(norm, np.linalg.norm(values.astype(np.float64), axis=1),
                                rtol=1e-15)
 

@@ -145,10 +145,43 @@ def last_axis_sum(g: Graph, x: str, keepdims: int = 0) -> str:
 # -- the shared pieces ------------------------------------------------------------------------
 
 
+def _pack_whole_bytes(g: Graph, codes: str, bits: int, n: int) -> str:
+    """`pack_bits` where ``bits`` divides 8 and ``n`` fills whole bytes: the ``8 / bits``
+    codes of a byte shifted into place and OR-ed (no bit planes)."""
+    per_byte = 8 // bits
+    width = n // per_byte
+    lead = leading_shape(g, codes)
+    grouped = g.op("Reshape", codes, g.constant(np.array([-1, width, per_byte], np.int64)))
+    parts = g.op("Split", grouped, axis=2, outputs=per_byte, num_outputs=per_byte,
+                 hint="code") if per_byte > 1 else [grouped]
+    packed = None
+    for position, part in enumerate(parts):
+        shifted = part if position == 0 else g.op(
+            "BitShift", part, g.constant(np.uint8(position * bits)), direction="LEFT")
+        packed = shifted if packed is None else g.op("BitwiseOr", packed, shifted)
+    return restore_rows(g, packed, lead, (width,))
+
+
+def _unpack_whole_bytes(g: Graph, packed: str, bits: int, n: int) -> str:
+    """`unpack_bits` where ``bits`` divides 8 and ``n`` fills whole bytes: each byte shifted
+    right by ``0, bits, 2 bits, ...`` and masked (no bit planes)."""
+    lead = leading_shape(g, packed)
+    width = n * bits // 8
+    flat = rows(g, packed, width)
+    shifted = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+                   g.constant(np.arange(0, 8, bits, dtype=np.uint8)), direction="RIGHT")
+    codes = g.op("BitwiseAnd", shifted, g.constant(np.uint8((1 << bits) - 1)))
+    codes = g.op("Cast", g.op("Reshape", codes, g.constant(np.array([-1, n], np.int64))),
+                 to=onnx_type("int64"))
+    return restore_rows(g, codes, lead, (n,))
+
+
 def pack_bits(g: Graph, codes: str, bits: int, n: int) -> str:
     """`latkv.pack_bits` of ``codes : (..., n)`` uint8 -> ``(..., ceil(n bits / 8))`` uint8."""
     if bits == 8:
         return codes
+    if 8 % bits == 0 and n % (8 // bits) == 0:
+        return _pack_whole_bytes(g, codes, bits, n)
     width = (n * bits + 7) // 8
     lead = leading_shape(g, codes)
     flat = rows(g, codes, n)
@@ -171,6 +204,8 @@ def unpack_bits(g: Graph, packed: str, bits: int, n: int) -> str:
     width = (n * bits + 7) // 8
     if bits == 8:
         return g.op("Cast", packed, to=onnx_type("int64"))
+    if 8 % bits == 0 and n % (8 // bits) == 0:
+        return _unpack_whole_bytes(g, packed, bits, n)
     lead = leading_shape(g, packed)
     flat = rows(g, packed, width)
     plane = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
@@ -196,12 +231,29 @@ def vector_norms(g: Graph, y: str) -> str:
 def count_below(g: Graph, u: str, boundaries: np.ndarray) -> str:
     """``sum(boundaries < u_j)`` per element: ``(..., d)`` float32 -> ``(..., d)`` uint8.
 
-    Equals ``searchsorted(boundaries, u, side="left")`` for increasing ``boundaries``.
+    Equals ``searchsorted(boundaries, u, side="left")`` for the ``2^b - 1`` increasing
+    ``boundaries`` of a ``b``-bit codebook: a binary search of ``b`` steps, each adding
+    ``2^k`` to the code where the boundary just past it is still below ``u`` (Gather, Less,
+    Where) rather than ``2^b - 1`` comparisons per element.
     """
-    below = g.op("Less", g.constant(np.asarray(boundaries, np.float32), "boundaries"),
-                 g.op("Unsqueeze", u, g.constant(np.array([-1], np.int64))))
-    count = last_axis_sum(g, g.op("Cast", below, to=onnx_type("int32")))
-    return g.op("Cast", count, to=onnx_type("uint8"), hint="codes")
+    boundaries = np.asarray(boundaries, np.float32)
+    bits = int(len(boundaries) + 1).bit_length() - 1
+    if len(boundaries) != (1 << bits) - 1:
+        raise ValueError(f"count_below needs 2^b - 1 boundaries, got {len(boundaries)}")
+    # boundaries shifted by one (entry c is boundary c - 1), so a candidate indexes directly
+    table = g.constant(np.concatenate([[-np.inf], boundaries]).astype(np.float32),
+                       "boundaries")
+    step = 1 << (bits - 1)
+
+    def taken(boundary: str, size: int) -> str:   # size where boundary < u, else 0 (int32)
+        below = g.op("Cast", g.op("Less", boundary, u), to=onnx_type("int32"))
+        return below if size == 1 else g.op("Mul", below, g.constant(np.int32(size)))
+
+    code = taken(g.constant(boundaries[step - 1]), step)
+    for k in range(bits - 2, -1, -1):
+        candidate = g.op("Add", code, g.constant(np.int32(1 << k)))
+        code = g.op("Add", code, taken(g.op("Gather", table, candidate, axis=0), 1 << k))
+    return g.op("Cast", code, to=onnx_type("uint8"), hint="codes")
 
 
 def safe_divisor(g: Graph, norm64: str) -> str:
