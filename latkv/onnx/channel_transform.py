@@ -22,10 +22,6 @@ import numpy as np
 from latkv.onnx.graph import Graph, float16_from_float64, onnx_type
 
 
-def _axes(g: Graph, *axes: int) -> str:
-    return g.constant(np.array(axes, np.int64))
-
-
 def fit_and_apply(g: Graph, qz: Any, x: str) -> tuple[dict[str, str], str]:
     """``(statistics arrays, y)`` for ``x : (..., tokens, dim)`` float32 (`ChannelTransform.fit`
     then ``apply``)."""
@@ -33,19 +29,19 @@ def fit_and_apply(g: Graph, qz: Any, x: str) -> tuple[dict[str, str], str]:
     if transform is None or not transform.active:
         return {}, x
     prefill = g.op("Slice", x, g.constant(np.array([0], np.int64)),
-                   g.constant(np.array([transform.stats_tokens], np.int64)), _axes(g, -2))
+                   g.constant(np.array([transform.stats_tokens], np.int64)), g.axes(-2))
     prefill = g.op("Cast", prefill, to=onnx_type("float64"))
     stats: dict[str, str] = {}
     mean64 = None
     y = x
     if transform.center:                                       # nanmean over the prefill
         stats["channel_mean"] = float16_from_float64(
-            g, g.op("ReduceMean", prefill, _axes(g, -2), keepdims=0))
+            g, g.op("ReduceMean", prefill, g.axes(-2), keepdims=0))
         mean64 = g.op("Cast", stats["channel_mean"], to=onnx_type("float64"))
     if transform.channel_scale:                                # rms after centring
         centred = prefill if mean64 is None else g.op(
-            "Sub", prefill, g.op("Unsqueeze", mean64, _axes(g, -2)))
-        rms = g.op("Sqrt", g.op("ReduceMean", g.op("Mul", centred, centred), _axes(g, -2),
+            "Sub", prefill, g.op("Unsqueeze", mean64, g.axes(-2)))
+        rms = g.op("Sqrt", g.op("ReduceMean", g.op("Mul", centred, centred), g.axes(-2),
                                 keepdims=0))
         scale = float16_from_float64(g, rms)
         positive = g.op("Greater", scale, g.constant(np.float16(0)))
@@ -64,7 +60,7 @@ def expanded(g: Graph, stats: dict[str, str]) -> tuple[str | None, str | None]:
         if name not in stats:
             return None
         return g.op("Unsqueeze", g.op("Cast", stats[name], to=onnx_type("float32")),
-                    _axes(g, -2))
+                    g.axes(-2))
 
     return per_token("channel_mean"), per_token("channel_scale")
 
@@ -80,7 +76,7 @@ def query_offset(g: Graph, q: str, stats: dict[str, str]) -> str | None:
     if "channel_mean" not in stats:
         return None
     mean = g.op("Cast", stats["channel_mean"], to=onnx_type("float32"))
-    return g.op("MatMul", q, g.op("Unsqueeze", mean, _axes(g, -1)))
+    return g.op("MatMul", q, g.op("Unsqueeze", mean, g.axes(-1)))
 
 
 def invert(g: Graph, y: str, stats: dict[str, str], weight_sums: str | None = None) -> str:

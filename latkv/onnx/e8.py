@@ -75,12 +75,9 @@ def check(qz: E8Quant) -> None:
 # -- small helpers ----------------------------------------------------------------------------
 
 
-def _axes(g: Graph, *axes: int) -> str:
-    return g.constant(np.array(axes, np.int64))
-
 
 def _reduce_max(g: Graph, x: str, *axes: int, keepdims: int = 0) -> str:
-    return g.op("ReduceMax", x, _axes(g, *axes), keepdims=keepdims)
+    return g.op("ReduceMax", x, g.axes(*axes), keepdims=keepdims)
 
 
 def _first_true(g: Graph, mask: str) -> str:
@@ -187,7 +184,7 @@ def fits(g: Graph, groups: str, scale: str, bits: int) -> str:
     k)`` bool: ``nearest_e8(groups / s)`` in ``C_bits`` for all groups (the ``fits`` of
     `latkv.e8.voronoi_encode_reference`).
     """
-    points = nearest_e8(g, g.op("Div", groups, g.op("Unsqueeze", scale, _axes(g, 2, 3))))
+    points = nearest_e8(g, g.op("Div", groups, g.op("Unsqueeze", scale, g.axes(2, 3))))
     shift = voronoi_shift(g, points, bits)
     return g.op("Equal", _reduce_max(g, g.op("Abs", shift), -2, -1),
                 g.constant(np.float32(0)), hint="fits")
@@ -240,7 +237,7 @@ def encode(g: Graph, qz: E8Quant, x: str) -> dict[str, str]:
     scale = scale_candidate(g, base, g.op("Gather", g.constant(multipliers, "multipliers"),
                                           rung, axis=0))            # (rows, 1)
     groups = g.op("Reshape", flat, g.constant(np.array([-1, dim // 8, 8], np.int64)))
-    points = nearest_e8(g, g.op("Div", groups, g.op("Unsqueeze", scale, _axes(g, 2))))
+    points = nearest_e8(g, g.op("Div", groups, g.op("Unsqueeze", scale, g.axes(2))))
     labels = g.op("Reshape", voronoi_labels(g, points, bits),
                   g.constant(np.array([-1, dim], np.int64)))
     packed = restore_rows(g, pack_bits(g, labels, bits, dim), lead,

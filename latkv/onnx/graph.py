@@ -92,6 +92,10 @@ class Graph:
             self._constants[key] = name
         return self._constants[key]
 
+    def axes(self, *axes: int) -> str:
+        """An int64 vector constant: the axes (or sizes) operand of Unsqueeze, Reduce*, ..."""
+        return self.constant(np.array(axes, np.int64))
+
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "",
            hint: str | None = None, **attributes: Any) -> Any:
         """Add one node; returns its output name (a list of names when ``outputs > 1``)."""
@@ -139,7 +143,7 @@ def restore_rows(g: Graph, x: str, lead: str, tail: tuple[int, ...]) -> str:
 
 
 def last_axis_sum(g: Graph, x: str, keepdims: int = 0) -> str:
-    return g.op("ReduceSum", x, g.constant(np.array([-1], np.int64)), keepdims=keepdims)
+    return g.op("ReduceSum", x, g.axes(-1), keepdims=keepdims)
 
 
 # -- the shared pieces ------------------------------------------------------------------------
@@ -168,7 +172,7 @@ def _unpack_whole_bytes(g: Graph, packed: str, bits: int, n: int) -> str:
     lead = leading_shape(g, packed)
     width = n * bits // 8
     flat = rows(g, packed, width)
-    shifted = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+    shifted = g.op("BitShift", g.op("Unsqueeze", flat, g.axes(-1)),
                    g.constant(np.arange(0, 8, bits, dtype=np.uint8)), direction="RIGHT")
     codes = g.op("BitwiseAnd", shifted, g.constant(np.uint8((1 << bits) - 1)))
     codes = g.op("Cast", g.op("Reshape", codes, g.constant(np.array([-1, n], np.int64))),
@@ -185,7 +189,7 @@ def pack_bits(g: Graph, codes: str, bits: int, n: int) -> str:
     width = (n * bits + 7) // 8
     lead = leading_shape(g, codes)
     flat = rows(g, codes, n)
-    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.axes(-1)),
                  g.constant(np.arange(bits, dtype=np.uint8)), direction="RIGHT")
     plane = g.op("BitwiseAnd", plane, g.constant(np.uint8(1)))
     plane = g.op("Reshape", plane, g.constant(np.array([-1, n * bits], np.int64)))
@@ -208,7 +212,7 @@ def unpack_bits(g: Graph, packed: str, bits: int, n: int) -> str:
         return _unpack_whole_bytes(g, packed, bits, n)
     lead = leading_shape(g, packed)
     flat = rows(g, packed, width)
-    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.constant(np.array([-1], np.int64))),
+    plane = g.op("BitShift", g.op("Unsqueeze", flat, g.axes(-1)),
                  g.constant(np.arange(8, dtype=np.uint8)), direction="RIGHT")
     plane = g.op("BitwiseAnd", plane, g.constant(np.uint8(1)))
     plane = g.op("Reshape", plane, g.constant(np.array([-1, width * 8], np.int64)))
@@ -275,7 +279,7 @@ def float16_from_float64(g: Graph, value: str) -> str:
     magnitude = g.op("Abs", value)
     powers = g.constant(2.0 ** np.arange(-13, 16, dtype=np.float64), "binades")
     above = g.op("GreaterOrEqual", g.op("Unsqueeze", magnitude,
-                                        g.constant(np.array([-1], np.int64))), powers)
+                                        g.axes(-1)), powers)
     binade = last_axis_sum(g, g.op("Cast", above, to=onnx_type("int64")))
     spacings = 2.0 ** (np.arange(-14, 16, dtype=np.float64) - 10)
     spacing = g.op("Gather", g.constant(spacings, "float16_spacings"), binade, axis=0)

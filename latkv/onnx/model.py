@@ -178,7 +178,7 @@ def weighted_sum(g: Graph, weights: str, qz: Quantizer, module: Any,
     """``weights @ x_hat``: summed in the stage's domain, rotated back once per query."""
     summed = module.unrotate(g, qz, g.op("MatMul", weights,
                                          module.rotated_decode(g, qz, arrays)))
-    totals = g.op("ReduceSum", weights, g.constant(np.array([-1], np.int64)), keepdims=1)
+    totals = g.op("ReduceSum", weights, g.axes(-1), keepdims=1)
     return channel_transform.invert(g, summed, _statistics(arrays), totals)
 
 

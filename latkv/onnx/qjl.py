@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from latkv.onnx.graph import (Graph, float16_from_float64, onnx_type, pack_bits, unpack_bits,
-                              vector_norms)
+from latkv.onnx.graph import (
+    Graph,
+    float16_from_float64,
+    onnx_type,
+    pack_bits,
+    unpack_bits,
+    vector_norms,
+)
 from latkv.onnx.standard import refuse_channel_split
 from latkv.qjl import QJL, QJL_SCALE
 
@@ -42,7 +48,7 @@ def scaled(g: Graph, values: str, factor: str, constant: float) -> str:
     coefficient = g.op("Mul", g.op("Cast", factor, to=onnx_type("float32")),
                        g.constant(np.float32(constant)))
     return g.op("Mul", values, g.op("Unsqueeze", coefficient,
-                                    g.constant(np.array([-1], np.int64))))
+                                    g.axes(-1)))
 
 
 def encode(g: Graph, qz: QJL, x: str) -> dict[str, str]:

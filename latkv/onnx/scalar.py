@@ -58,9 +58,6 @@ def check(qz: ScalarQuant) -> None:
     """Every configuration of ``ScalarQuant`` has a standard graph: nothing to refuse."""
 
 
-def _axes(g: Graph, *axes: int) -> str:
-    return g.constant(np.array(axes, np.int64))
-
 
 def _scalar_int64(g: Graph, vector: str) -> str:
     """A one-element int64 vector as a scalar (what Range takes)."""
@@ -73,10 +70,10 @@ def _scalar_int64(g: Graph, vector: str) -> str:
 def float16_spacing(g: Graph, value: str) -> str:
     """The float16 spacing of the binade of float32 ``|value|`` (``2^-24`` below ``2^-13``,
     ``2^5`` from ``2^15`` on), elementwise."""
-    magnitude = g.op("Unsqueeze", g.op("Abs", value), _axes(g, -1))
+    magnitude = g.op("Unsqueeze", g.op("Abs", value), g.axes(-1))
     reached = g.op("GreaterOrEqual", magnitude,
                    g.constant(FLOAT16_BINADE_STARTS, "float16_binade_starts"))
-    binade = g.op("ReduceSum", g.op("Cast", reached, to=onnx_type("int64")), _axes(g, -1),
+    binade = g.op("ReduceSum", g.op("Cast", reached, to=onnx_type("int64")), g.axes(-1),
                   keepdims=0)
     return g.op("Gather", g.constant(FLOAT16_SPACINGS, "float16_spacings"), binade, axis=0,
                 hint="spacing")
@@ -179,8 +176,8 @@ def _encode_token(g: Graph, qz: ScalarQuant, x: str) -> dict[str, str]:
         edge = np.minimum(np.arange(groups * qz.group), qz.dim - 1).astype(np.int64)
         padded = g.op("Gather", vectors, g.constant(edge, "edge_channels"), axis=1)
     grouped = g.op("Reshape", padded, g.constant(np.array([-1, groups, qz.group], np.int64)))
-    minimum = g.op("ReduceMin", grouped, _axes(g, -1), keepdims=0)
-    maximum = g.op("ReduceMax", grouped, _axes(g, -1), keepdims=0)
+    minimum = g.op("ReduceMin", grouped, g.axes(-1), keepdims=0)
+    maximum = g.op("ReduceMax", grouped, g.axes(-1), keepdims=0)
     scale, zero = scale_and_zero(g, minimum, maximum, qz.bits)     # (rows, groups)
     channel_groups = g.constant(_channel_groups(qz), "channel_groups")
     codes = quantize(g, vectors, g.op("Gather", scale, channel_groups, axis=1),
@@ -197,7 +194,7 @@ def _encode_channel(g: Graph, qz: ScalarQuant, x: str) -> dict[str, str]:
     """Groups of ``group`` consecutive tokens per channel (KIVI's key quantization)."""
     shape = g.op("Shape", x)
     tokens = g.op("Shape", x, start=-2, end=-1)                    # [T]
-    heads = g.op("Reshape", x, g.op("Concat", g.constant(np.array([-1], np.int64)), tokens,
+    heads = g.op("Reshape", x, g.op("Concat", g.axes(-1), tokens,
                                     g.constant(np.array([qz.dim], np.int64)), axis=0))
     group = g.constant(np.array([qz.group], np.int64))
     token_groups = g.op("Div", g.op("Add", tokens, g.constant(np.array([qz.group - 1],
@@ -210,8 +207,8 @@ def _encode_channel(g: Graph, qz: ScalarQuant, x: str) -> dict[str, str]:
         last_token = g.op("Sub", _scalar_int64(g, tokens), g.constant(np.int64(1)))
         padded = g.op("Gather", heads, g.op("Min", padded_range, last_token), axis=1)
     grouped = g.op("Reshape", padded, g.constant(np.array([0, -1, qz.group, qz.dim], np.int64)))
-    minimum = g.op("ReduceMin", grouped, _axes(g, 2), keepdims=0)
-    maximum = g.op("ReduceMax", grouped, _axes(g, 2), keepdims=0)
+    minimum = g.op("ReduceMin", grouped, g.axes(2), keepdims=0)
+    maximum = g.op("ReduceMax", grouped, g.axes(2), keepdims=0)
     scale, zero = scale_and_zero(g, minimum, maximum, qz.bits)     # (heads, groups, dim)
     group_of_token = _token_groups(g, qz, tokens)
     codes = quantize(g, heads, g.op("Gather", scale, group_of_token, axis=1),

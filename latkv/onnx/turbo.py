@@ -41,7 +41,7 @@ def encode(g: Graph, qz: TurboQuant, x: str) -> dict[str, str]:
     rotated = apply_rotation(g, stage.rotation, x)
     norm = vector_norms(g, x)                                       # float64
     u = g.op("Div", rotated, g.op("Unsqueeze", safe_divisor(g, norm),
-                                  g.constant(np.array([-1], np.int64))), hint="u")
+                                  g.axes(-1)), hint="u")
     arrays: dict[str, str] = {}
     u_hat = None
     if stage.mse_bits:                                              # Algorithm 1, lines 5-6
