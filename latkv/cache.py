@@ -224,6 +224,19 @@ class KVCache:
         return len(self.key_blocks) * self.block
 
     @property
+    def window(self) -> tuple[Any, Any] | None:
+        """The exact newest tokens: float16 ``(keys, values)``, each ``(batch, kv_heads, w,
+        dim)`` (read-only views; None before the first append). With
+        ``key_blocks.whole()`` and ``value_blocks.whole()`` they are what an exported
+        attention graph with ``window=True`` takes (`latkv.onnx.export`)."""
+        if self._keys is None:
+            return None
+        keys, values = self._keys.view(), self._values.view()
+        if isinstance(keys, np.ndarray):       # CuPy arrays have no read-only flag
+            keys.flags.writeable = values.flags.writeable = False
+        return keys, values
+
+    @property
     def nbytes(self) -> int:
         """Exact bytes: every block's codes plus the float16 window of keys and values."""
         window = 0 if self._keys is None else int(self._keys.nbytes + self._values.nbytes)

@@ -264,3 +264,23 @@ def test_the_docs_pipeline_example_runs(capsys):
     block = re.search(r"```python\n(.*?)```", page.read_text(), re.DOTALL).group(1)
     exec(compile(block, str(page), "exec"), {})   # its own assert checks the codes
     assert capsys.readouterr().out.strip() == "0.2"
+
+
+def test_attention_with_the_exact_window_equals_the_kv_cache():
+    keys, values = latkv.TurboQuant(dim=64, bits=4), latkv.TurboQuant(dim=64, bits=3)
+    cache = latkv.KVCache(keys, values, residual=16, block=32)
+    k, v = sample((1, 2, 100, 64), 6, np.float16), sample((1, 2, 100, 64), 7, np.float16)
+    cache.append(k, v)
+    assert cache.compressed_tokens == 64 and cache.window[0].shape == (1, 2, 36, 64)
+    q = sample((1, 8, 1, 64), 8)                       # GQA 4: query head h reads kv h // 4
+    expected = cache.attention(q, backend="numpy").reshape(1, 2, 4, 64)
+    model = latkv.onnx.export((keys, values), "attention", window=True)
+    key_window, value_window = cache.window
+    feeds = {"q": q.reshape(1, 2, 4, 64), "key_window": key_window.astype(np.float32),
+             "value_window": value_window.astype(np.float32),
+             **{"key_" + n: a for n, a in cache.key_blocks.whole().arrays.items()},
+             **{"value_" + n: a for n, a in cache.value_blocks.whole().arrays.items()}}
+    (result,) = latkv.onnx.session(model).run(None, feeds)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="window=True"):
+        latkv.onnx.export(keys, "scores", window=True)

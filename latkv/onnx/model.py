@@ -108,7 +108,8 @@ def _array_inputs(g: Graph, qz: Quantizer, leading: tuple[str, ...],
 
 
 def build_standard(what: str, keys: Quantizer, values: Quantizer, dtype: str,
-                   leading: tuple[str, ...], scale: float | None) -> tuple[Graph, int]:
+                   leading: tuple[str, ...], scale: float | None,
+                   window: bool = False) -> tuple[Graph, int]:
     """The standard-flavour graph of ``what`` and the lowest opset it needs."""
     from latkv.onnx.standard import standard_module
 
@@ -139,8 +140,13 @@ def build_standard(what: str, keys: Quantizer, values: Quantizer, dtype: str,
         q = _float_input(g, "q", dtype, [*leading[:-1], "queries", dim])
         key_arrays = _array_inputs(g, keys, leading, "key_")
         value_arrays = _array_inputs(g, values, leading, "value_")
+        exact = None
+        if window:
+            shape = [*leading[:-1], "window", dim]
+            exact = (_float_input(g, "key_window", dtype, shape),
+                     _float_input(g, "value_window", dtype, shape))
         output = attention_graph(g, q, keys, key_module, key_arrays, values, value_module,
-                                 value_arrays, len(leading) + 1, scale)
+                                 value_arrays, len(leading) + 1, scale, exact)
         if dtype != "float32":
             output = g.op("Cast", output, to=onnx_type(dtype))
         g.output(output, "attention", dtype, [*leading[:-1], "queries", dim])
@@ -184,20 +190,33 @@ def weighted_sum(g: Graph, weights: str, qz: Quantizer, module: Any,
 
 def attention_graph(g: Graph, q: str, keys: Quantizer, key_module: Any,
                     key_arrays: dict[str, str], values: Quantizer, value_module: Any,
-                    value_arrays: dict[str, str], rank: int, scale: float | None) -> str:
+                    value_arrays: dict[str, str], rank: int, scale: float | None,
+                    window: tuple[str, str] | None = None) -> str:
     """``softmax(scale q K_hat^T) V_hat`` from the codes: scores in the key quantizer's domain,
-    the value sum in the value quantizer's, rotated back once per query."""
+    the value sum in the value quantizer's, rotated back once per query. With ``window``
+    (exact float32 keys and values of the newest tokens, as `latkv.KVCache` keeps them) one
+    softmax runs over the compressed tokens followed by the window's."""
     scale = 1.0 / np.sqrt(keys.dim) if scale is None else float(scale)
-    logits = g.op("Mul", scores(g, q, keys, key_module, key_arrays, rank),
-                  g.constant(np.float32(scale)))
-    weights = g.op("Softmax", logits, axis=-1)
-    return weighted_sum(g, weights, values, value_module, value_arrays)
+    factor = g.constant(np.float32(scale))
+    logits = g.op("Mul", scores(g, q, keys, key_module, key_arrays, rank), factor)
+    if window is None:
+        return weighted_sum(g, g.op("Softmax", logits, axis=-1), values, value_module,
+                            value_arrays)
+    key_window, value_window = window
+    window_logits = g.op("Mul", g.op("MatMul", q, _transpose_last(g, key_window, rank)),
+                         factor)
+    weights = g.op("Softmax", g.op("Concat", logits, window_logits, axis=-1), axis=-1)
+    sizes = g.op("Concat", g.op("Shape", logits, start=-1), g.op("Shape", window_logits,
+                                                                 start=-1), axis=0)
+    compressed, exact = g.op("Split", weights, sizes, axis=-1, outputs=2)
+    return g.op("Add", weighted_sum(g, compressed, values, value_module, value_arrays),
+                g.op("MatMul", exact, value_window))
 
 
 def export(quantizer: Any, what: str = "encode", path: str | os.PathLike | None = None, *,
            flavour: str = "standard", opset: int | None = None, dtype: str = "float32",
            leading: tuple[str, ...] = ("batch", "heads", "tokens"), values: Any = None,
-           scale: float | None = None) -> Any:
+           scale: float | None = None, window: bool = False) -> Any:
     """A quantizer's ``encode``, ``decode``, ``scores`` or ``attention`` as an ONNX model.
 
     Parameters
@@ -226,6 +245,10 @@ def export(quantizer: Any, what: str = "encode", path: str | os.PathLike | None 
         The value quantizer of an attention graph (default: ``quantizer``).
     scale : float, optional
         Attention's logit scale (default ``1 / sqrt(dim)``).
+    window : bool
+        Attention only: two more inputs, ``key_window`` and ``value_window`` of shape
+        ``(*leading[:-1], window, dim)``, the newest tokens kept exact (`latkv.KVCache`'s
+        float16 window); the softmax runs over the compressed tokens and them together.
 
     Returns
     -------
@@ -260,8 +283,10 @@ def export(quantizer: Any, what: str = "encode", path: str | os.PathLike | None 
         raise ValueError("a value quantizer (values=, a pair or 'K|V') is only for "
                          "what='attention'")
     keys, value_quantizer = quantizer_pair(quantizer, values)
+    if window and (what != "attention" or flavour != "standard"):
+        raise ValueError("window=True is for what='attention' in the standard flavour")
     if flavour == "standard":
-        g, needed = build_standard(what, keys, value_quantizer, dtype, leading, scale)
+        g, needed = build_standard(what, keys, value_quantizer, dtype, leading, scale, window)
     else:
         from latkv.onnx.custom import build_custom
 

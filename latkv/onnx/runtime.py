@@ -126,7 +126,7 @@ def check_feeds(entries: dict[str, str], feeds: dict[str, Any]) -> None:
     from latkv.onnx.custom import codes_from_arrays
     from latkv.registry import quantizer
 
-    for name in ("x", "q"):
+    for name in ("x", "q", "key_window", "value_window"):
         if name in feeds:
             check_float_array(np.asarray(feeds[name]), name)
     what = entries["latkv_what"]
