@@ -1,5 +1,5 @@
 """The ``latkv`` command: ``compare``, ``info``, ``model fetch``, ``capture``, ``perplexity``,
-``stats``."""
+``stats``, ``export``."""
 
 from __future__ import annotations
 
@@ -269,6 +269,26 @@ def command_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace) -> int:
+    import latkv.onnx
+    from latkv.registry import quantizer
+
+    spec = args.spec
+    if args.dim is not None:
+        spec = "|".join(quantizer(part, dim=args.dim).spec for part in spec.split("|"))
+    leading = tuple(name for name in args.leading.split(",") if name)
+    model = latkv.onnx.export(spec, args.what, args.out, flavour=args.flavour,
+                              dtype=args.dtype, opset=args.opset, leading=leading,
+                              scale=args.scale, window=args.window)
+    if not args.quiet:
+        names = lambda values: ", ".join(v.name for v in values)  # noqa: E731
+        label = args.spec + (f" (dim {args.dim})" if args.dim is not None else "")
+        print(f"wrote {args.out}: {args.what} of {label}, {args.flavour} flavour, opset "
+              f"{model.opset_import[0].version}; inputs {names(model.graph.input)}; outputs "
+              f"{names(model.graph.output)}")
+    return 0
+
+
 def command_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -382,6 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", type=Path, default=None, help="also write the rows here")
     stats.add_argument("--quiet", action="store_true")
     stats.set_defaults(run=command_stats)
+
+    export = commands.add_parser(
+        "export", help="write a quantizer's encode/decode/scores/attention as an ONNX model",
+        description="latkv.onnx.export from the command line (needs the onnx extra).")
+    export.add_argument("spec", help="a quantizer spec; 'K|V' for attention")
+    export.add_argument("what", choices=("encode", "decode", "scores", "attention"))
+    export.add_argument("out", type=Path, help="the .onnx file to write (atomically)")
+    export.add_argument("--dim", type=int, default=None,
+                        help="head dim, if the spec does not give it")
+    export.add_argument("--flavour", choices=("standard", "custom"), default="standard")
+    export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    export.add_argument("--opset", type=int, default=None)
+    export.add_argument("--leading", default="batch,heads,tokens",
+                        help="comma-separated names of the dynamic axes before dim")
+    export.add_argument("--scale", type=float, default=None, help="attention's logit scale")
+    export.add_argument("--window", action="store_true",
+                        help="attention: also take the exact newest tokens")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(run=command_export)
     return parser
 
 

@@ -87,3 +87,21 @@ def test_console_script_prints_table():
 def test_info_lists_methods(capsys):
     assert main(["info"]) == 0
     assert "ScalarQuant" in capsys.readouterr().out
+
+
+def test_export_writes_a_model_session_reads(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import latkv.onnx
+
+    out = tmp_path / "encode.onnx"
+    assert main(["export", "turbo:3", "encode", str(out), "--dim", "64", "--dtype",
+                 "float16"]) == 0
+    assert "inputs x; outputs packed, norm" in capsys.readouterr().out
+    x = np.random.default_rng(0).standard_normal((1, 2, 9, 64)).astype(np.float16)
+    packed, norm = latkv.onnx.session(out).run(None, {"x": x})
+    codes = latkv.TurboQuant(dim=64, bits=3).encode(x)
+    np.testing.assert_array_equal(packed, codes["packed"])
+    np.testing.assert_array_equal(norm, codes["norm"])
+    assert main(["export", "turbo:3", "encode", str(tmp_path / "no.onnx")]) == 2
+    assert "needs a dim" in capsys.readouterr().err
+    assert not (tmp_path / "no.onnx").exists()
