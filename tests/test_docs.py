@@ -34,6 +34,8 @@ def test_cli_page_documents_every_command_and_option():
     sections = dict(re.findall(r"^## `latkv ([a-z ]+)`\n(.*?)(?=^## |\Z)", page, re.M | re.S))
     for name, parser in _commands(build_parser()):
         assert name in sections, f"docs/cli.md has no section for latkv {name}"
+        # the usage line is generated from the parser at build time (scripts/mkdocs_cli_usage)
+        assert f"<!-- latkv-usage: {name} -->" in sections[name]
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
