@@ -236,8 +236,8 @@ class ScalarQuant(Quantizer):
         ----------
         x : (..., dim) float16, float32 or float64, NumPy or CuPy
         backend : str, optional
-        ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"numba.cuda"``; by default the array
-        module of the input picks it (NumPy -> ``"numba"``, CuPy -> ``"cupy"``).
+            ``"numpy"``, ``"numba"``, ``"cupy"`` or ``"numba.cuda"``; by default the array
+            module of the input picks it (NumPy -> ``"numba"``, CuPy -> ``"cupy"``).
 
         Returns
         -------
