@@ -53,6 +53,18 @@ RESULT_FILES = (
     "onnx_speed.json",
 )
 
+#: The commands that wrote the results files that do not record their own (benchmarks/README).
+COMMAND_OF_RESULT = {
+    "kv_split_study.json": "python benchmarks/kv_split_study.py --perplexity --chunk 32 "
+                           "--json benchmarks/results/kv_split_study.json",
+    "decode_attention.json": "OPENBLAS_NUM_THREADS=1 python benchmarks/decode_attention.py "
+                             "--json benchmarks/results/decode_attention.json",
+    "onnx_speed.json": "OPENBLAS_NUM_THREADS=1 python benchmarks/onnx_speed.py "
+                       "--json benchmarks/results/onnx_speed.json",
+    "key_study.json": "python benchmarks/key_study.py --sink "
+                      "--json benchmarks/results/key_study.json",
+}
+
 #: Scripts whose name is not the results file's stem (used only when the JSON has no command).
 SCRIPT_OF_RESULT = {
     "foundation.json": "bench_foundation.py",
@@ -240,8 +252,9 @@ def measurement_date(data: dict[str, Any]) -> str:
 def reproduce_command(result: Result) -> str:
     """The command that reproduces `result`.
 
-    The JSON's ``command`` (a string, or an argv list in ``settings.command``), else
-    ``python benchmarks/<script>.py`` named after the file.
+    The JSON's ``command`` (a string, or an argv list in ``settings.command``), else the
+    documented command of `COMMAND_OF_RESULT`, else ``python benchmarks/<script>.py`` named
+    after the file.
     """
     data = result.data
     command = data.get("command")
@@ -255,6 +268,8 @@ def reproduce_command(result: Result) -> str:
             script = f"benchmarks/{script}"
         return " ".join(["python", script, *map(str, command[1:])])
     script = SCRIPT_OF_RESULT.get(result.name, Path(result.name).stem + ".py")
+    if result.name in COMMAND_OF_RESULT:
+        return COMMAND_OF_RESULT[result.name]
     return f"python benchmarks/{script}"
 
 
