@@ -200,6 +200,15 @@ def attention_workspace(xp: Any, q_key: Any, key_packed: Any, key_factor: Any,
     The arguments are checked (`check_attention_arguments`), the arrays moved to ``xp`` and
     made C-contiguous (float32; the packed codes uint8), and the outputs allocated.
 
+    Parameters
+    ----------
+    xp : module
+        ``numpy`` or ``cupy``: where the arrays and outputs live.
+    q_key, key_packed, key_factor, key_centroids, key_bits, key_offset : array or int
+        As in `codebook_attention_reference` (float arrays of any float dtype).
+    value_packed, value_factor, value_centroids, value_bits, dim, block, scale : array or number
+        As in `codebook_attention_reference`.
+
     Returns
     -------
     arrays : tuple
@@ -210,6 +219,21 @@ def attention_workspace(xp: Any, q_key: Any, key_packed: Any, key_factor: Any,
     outputs : tuple
         Uninitialised float32 ``acc (H, blocks, m, dim)``, ``maximum`` and ``total
         (H, blocks, m)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> floats = lambda *shape: np.zeros(shape, np.float64)       # float64: made float32
+    >>> packed = np.zeros((2, 8, 4), np.uint8)       # 2 heads, 8 tokens, 8 codes of 4 bits
+    >>> arrays, sizes, outputs = attention_workspace(
+    ...     np, floats(2, 1, 3, 8), packed, floats(2, 8), floats(16), 4, floats(2, 2, 3),
+    ...     packed, floats(2, 8), floats(16), 4, 8, 4, 0.5)
+    >>> sizes
+    (4, 4, 8, 4, 2, 2, 3, 0.5)
+    >>> [a.dtype.name for a in arrays[:3]], all(a.flags.c_contiguous for a in arrays)
+    (['float32', 'uint8', 'float32'], True)
+    >>> [o.shape for o in outputs]
+    [(2, 2, 3, 8), (2, 2, 3), (2, 2, 3)]
     """
     arrays = [xp.asarray(x) for x in (q_key, key_packed, key_factor, key_centroids, key_offset,
                                       value_packed, value_factor, value_centroids)]

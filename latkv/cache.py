@@ -54,6 +54,46 @@ class BlockCodes:
     concatenated along axis 2, or *per block* (a fixed shape: per-block channel statistics,
     outlier indices), stacked along a new axis 2. Layouts with variable-length arrays (rANS
     streams) are kept as a list of `Codes`.
+
+    Parameters
+    ----------
+    quantizer : Quantizer
+        The quantizer that writes every block.
+    block : int
+        Tokens per block: each `extend` item is the `Codes` of a ``(batch, heads, block,
+        dim)`` array.
+
+    Attributes
+    ----------
+    arrays : dict of str to array
+        The contiguous buffers: ``(batch, heads, count * ..., ...)`` per token,
+        ``(batch, heads, count, ...)`` per block (empty for listed layouts).
+    per_token : dict of str to bool, or None
+        Which arrays are per token; None before the first block and for listed layouts.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv
+    >>> from latkv.cache import BlockCodes
+    >>> qz = latkv.TurboQuant(dim=8, bits=2)
+    >>> x = np.random.default_rng(0).standard_normal((1, 2, 12, 8)).astype(np.float32)
+    >>> blocks = BlockCodes(qz, block=4)
+    >>> blocks.extend([qz.encode(x[:, :, i:i + 4]) for i in range(0, 12, 4)])
+    >>> len(blocks), blocks.per_token, blocks.arrays["packed"].shape
+    (3, {'packed': True, 'norm': True}, (1, 2, 12, 2))
+    >>> bool((blocks.whole()["packed"] == qz.encode(x)["packed"]).all())
+    True
+    >>> blocks[1].shape, bool((qz.decode(blocks[1]) == qz.decode(qz.encode(x[:, :, 4:8]))).all())
+    ((1, 2, 4, 8), True)
+
+    With per-sequence channel means (``center=True``) each block's mean is per block, and the
+    blocks side by side are no longer the codes of one array:
+
+    >>> centred = latkv.TurboQuant(dim=8, bits=2, center=True)
+    >>> blocks = BlockCodes(centred, block=4)
+    >>> blocks.extend([centred.encode(x[:, :, i:i + 4]) for i in range(0, 12, 4)])
+    >>> blocks.per_token["channel_mean"], blocks.arrays["channel_mean"].shape, blocks.whole()
+    (False, (1, 2, 3, 8), None)
     """
 
     def __init__(self, quantizer: Quantizer, block: int) -> None:
@@ -144,7 +184,34 @@ class BlockCodes:
 
 def fused_codebook_stage(quantizer: Quantizer) -> Any:
     """The TurboQuant stage a fused step can read (mse codes, no outliers, statistics per
-    block at most), or None."""
+    block at most), or None.
+
+    Parameters
+    ----------
+    quantizer : Quantizer
+
+    Returns
+    -------
+    TurboStage or None
+        The quantizer's only stage (its rotation, codebook and ``mse_bits``) when
+        ``quantizer`` is a `latkv.TurboQuant` with ``mode="mse"``, no outlier channels and
+        no ``local_stats``; None for any other quantizer.
+
+    Examples
+    --------
+    >>> import latkv
+    >>> from latkv.cache import fused_codebook_stage
+    >>> from latkv.codebooks import sphere_codebook
+    >>> stage = fused_codebook_stage(latkv.TurboQuant(dim=64, bits=3))
+    >>> stage.mse_bits, bool((stage.codebook.centroids == sphere_codebook(64, 3).centroids).all())
+    (3, True)
+    >>> fused_codebook_stage(latkv.TurboQuant(dim=64, bits=3, mode="prod")) is None
+    True
+    >>> fused_codebook_stage(latkv.TurboQuant(dim=64, bits=3, outlier_channels=8)) is None
+    True
+    >>> fused_codebook_stage(latkv.ScalarQuant(dim=64, bits=3)) is None
+    True
+    """
     if (isinstance(quantizer, TurboQuant) and quantizer.mode == "mse"
             and not quantizer.outlier_channels and not quantizer.local_stats):
         return quantizer.stages()[0]

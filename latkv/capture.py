@@ -84,6 +84,25 @@ def capture_kv(model: Any, ids: Any, *, chunk_tokens: int = 256, chunks: int | N
     Returns
     -------
     dict of arrays in the layout of the module docstring (without ``metadata``).
+
+    Examples
+    --------
+    A tiny random decoder stands in for a real one (``Model.load(path)``): 1 layer, 4 query
+    and 2 KV heads of dimension 8, 40 tokens.
+
+    >>> import numpy as np, latkv
+    >>> from latkv.llm import Model
+    >>> model = Model.random(seed=0)
+    >>> rng = np.random.default_rng(1)
+    >>> ids = np.arange(30)
+    >>> data = capture_kv(model, ids, chunk_tokens=10, chunks=3)
+    >>> sorted(data)
+    ['chunk_offsets', 'k_L0', 'k_pre_L0', 'q_L0', 'token_ids', 'v_L0']
+    >>> data["q_L0"].shape, data["k_L0"].shape, data["chunk_offsets"].tolist()
+    ((4, 30, 8), (2, 30, 8), [0, 10, 20, 30])
+    >>> _, caches = model.forward(ids[20:30], capture=True)     # chunk 2: its own sequence
+    >>> bool((data["k_L0"][:, 20:30] == caches[0].k).all())
+    True
     """
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":

@@ -164,12 +164,29 @@ def select_outlier_channels(y: Any, count: int, tokens: int) -> Any:
     Parameters
     ----------
     y : (..., n, dim) float32
+        The transformed keys (every leading index a head).
     count : int
+        Channels to pick per head, at most ``dim``.
     tokens : int
+        Leading tokens whose energy ``sum_t y[..., t, c]**2`` ranks the channels (the prefill).
 
     Returns
     -------
     (..., count) int64, increasing along the last axis; ties go to the lower channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.channel_transform import select_outlier_channels
+    >>> y = np.array([[[0, 3, 1, 0, 2],
+    ...                [0, 3, 0, 1, 2],
+    ...                [9, 0, 0, 0, 0]]], np.float32)     # one head, 3 tokens, dim 5
+    >>> select_outlier_channels(y, 2, tokens=2)          # energies 0, 18, 1, 1, 8
+    array([[1, 4]])
+    >>> select_outlier_channels(y, 2, tokens=3)          # channel 0 now has 81
+    array([[0, 1]])
+    >>> select_outlier_channels(np.ones((1, 4, 6), np.float32), 3, tokens=4)   # all tied
+    array([[0, 1, 2]])
     """
     xp = array_module(y)
     prefill = y[..., :tokens, :].astype(xp.float64)

@@ -201,6 +201,39 @@ def compare(specs: Iterable[str], data: dict[str, np.ndarray], *, bits: Iterable
     relative MSE, ``logit_error`` (`latkv.metrics.centred_logit_error`, logits from
     ``scores``), ``attention_error`` (`latkv.metrics.attention_output_error`),
     ``top8_agreement`` and ``encode_mvectors_per_s``.
+
+    Parameters
+    ----------
+    specs : iterable of str
+        Spec strings (`latkv.quantizer`), ``"fp16"`` (the float16 baseline),
+        ``"KEY_SPEC|VALUE_SPEC"`` pairs, and specs without their main value (expanded to one
+        per ``bits``); ``{dim}``, ``{2dim}`` and ``{dim/2}`` stand for the head dimension.
+    data : dict of str to array
+        A KV set (module docstring): ``k_L{i}``, ``v_L{i}`` : (kv_heads, tokens, dim) and
+        ``q_L{i}`` : (q_heads, queries, dim) float arrays, optionally ``chunk_offsets``.
+    bits : iterable of int
+        Bit widths for the specs without a main value.
+    backend : str, optional
+        Runs ``encode``, ``decode`` and ``scores``.
+    progress : callable, optional
+        Called with each expanded spec before it is measured.
+
+    Returns
+    -------
+    list of dict
+        One row per expanded spec, in order.
+
+    Examples
+    --------
+    >>> from latkv.compare import compare
+    >>> from latkv.synthetic import synthetic_kv
+    >>> data = synthetic_kv(layers=1, tokens=64, queries=8, dim=64)
+    >>> rows = compare(["fp16", "scalar,group=32", "turbo:4"], data, bits=(2, 4))
+    >>> [(row["method"], row["measured_bits_per_coordinate"]) for row in rows]
+    [('fp16', 16.0), ('scalar:2', 3.0), ('scalar:4', 5.0), ('turbo:4', 4.25)]
+    >>> errors = [row["attention_error"] for row in rows]
+    >>> bool(errors[0] < errors[3] < errors[1]), bool(errors[2] < errors[1])
+    (True, True)
     """
     layers = check_kv(data)
     dim = data[f"k_L{layers[0]}"].shape[-1]

@@ -75,6 +75,21 @@ class Codes:
     -----
     ``nbytes`` counts every array, side information included: it is the exact storage needed
     to decode. The fixed per-file header of `save` is not part of it.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv
+    >>> qz = latkv.ScalarQuant(dim=64, bits=4)
+    >>> x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float16)
+    >>> codes = qz.encode(x)
+    >>> codes.method, codes.shape, codes.dtype, sorted(codes.arrays)
+    ('scalar', (3, 64), 'float16', ['packed', 'scale', 'zero'])
+    >>> codes["packed"].shape, codes.spec
+    ((3, 32), 'scalar:4,dim=64,group=32,axis=token')
+    >>> codes.nbytes == 3 * qz.code_size == 120       # 32 code bytes + 2 x 2 float16 a row
+    True
+    >>> qz.decode(codes).dtype
+    dtype('float16')
     """
 
     method: str
@@ -297,6 +312,11 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Codes:
 def load(path: str | os.PathLike) -> Codes:
     """Read codes written by `save`, refusing anything that is not exactly such a file.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by `save`.
+
     Returns
     -------
     Codes
@@ -308,6 +328,23 @@ def load(path: str | os.PathLike) -> Codes:
         Empty, truncated, extended, corrupted (checksum) or foreign files, unsupported
         versions, unknown method ids, and arrays inconsistent with the named quantizer; the
         message says which.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv, tempfile, pathlib
+    >>> qz = latkv.ScalarQuant(dim=64, bits=4)
+    >>> codes = qz.encode(np.random.default_rng(0).standard_normal((3, 64)))
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "k.lkv"
+    >>> latkv.save(path, codes)
+    >>> loaded = latkv.load(path)
+    >>> latkv.quantizer_for(loaded) == qz, bool((qz.decode(loaded) == qz.decode(codes)).all())
+    (True, True)
+    >>> data = bytearray(path.read_bytes())
+    >>> data[-100] ^= 1                                  # flip one bit of the payload
+    >>> _ = path.write_bytes(data)
+    >>> latkv.load(path)
+    Traceback (most recent call last):
+    ValueError: not a valid latkv codes file: SHA-256 checksum mismatch (the file is corrupted)
     """
     with open(path, "rb") as file:
         data = file.read()

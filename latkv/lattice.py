@@ -62,7 +62,29 @@ def _dispatch(operation: str, x: Any, backend: str | None) -> Any:
 
 
 def nearest_d8_reference(x: Any) -> Any:
-    """Nearest ``D8`` point of each row of ``x : (..., 8)`` float32 (module tie rules)."""
+    """Nearest ``D8`` point of each row of ``x : (..., 8)`` float32 (module tie rules).
+
+    The NumPy/CuPy definition that every `nearest_d8` backend matches bit for bit; ``x`` must
+    already be checked (float32, finite, ``|x_i| < 2^21``).
+
+    Parameters
+    ----------
+    x : (..., 8) float32, NumPy or CuPy
+
+    Returns
+    -------
+    (..., 8) float32
+
+    Examples
+    --------
+    Rounding gives ``[0, 0, 1, 0, ...]`` of odd sum; coordinates 0 and 1 are equally far
+    from their integers, so the lower index moves, towards ``x``:
+
+    >>> import numpy as np
+    >>> from latkv.lattice import nearest_d8_reference
+    >>> nearest_d8_reference(np.array([0.5, 0.5, 1, 0, 0, 0, 0, 0], np.float32))
+    array([1., 0., 1., 0., 0., 0., 0., 0.], dtype=float32)
+    """
     xp = array_module(x)
     rounded = xp.rint(x)
     error = x - rounded                                        # exact in float32
@@ -75,7 +97,23 @@ def nearest_d8_reference(x: Any) -> Any:
 
 
 def squared_distance(x: Any, y: Any) -> Any:
-    """``sum_i (x_i - y_i)^2`` accumulated in float64 in coordinate order 0..7."""
+    """``sum_i (x_i - y_i)^2`` accumulated in float64 in coordinate order 0..7.
+
+    Parameters
+    ----------
+    x, y : (..., 8) float32, NumPy or CuPy
+
+    Returns
+    -------
+    (...,) float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.lattice import squared_distance
+    >>> squared_distance(np.full((2, 8), 0.5, np.float32), np.zeros((2, 8), np.float32))
+    array([2., 2.])
+    """
     xp = array_module(x)
     difference = (x - y).astype(xp.float64)
     total = xp.zeros(x.shape[:-1], dtype=xp.float64)
@@ -85,7 +123,31 @@ def squared_distance(x: Any, y: Any) -> Any:
 
 
 def nearest_e8_reference(x: Any) -> Any:
-    """Nearest ``E8`` point of each row of ``x : (..., 8)`` float32 (module tie rules)."""
+    """Nearest ``E8`` point of each row of ``x : (..., 8)`` float32 (module tie rules).
+
+    The NumPy/CuPy definition that every `nearest_e8` backend matches bit for bit; ``x`` must
+    already be checked (float32, finite, ``|x_i| < 2^21``).
+
+    Parameters
+    ----------
+    x : (..., 8) float32, NumPy or CuPy
+
+    Returns
+    -------
+    (..., 8) float32
+
+    Examples
+    --------
+    ``0.25 * 1`` is equally far (squared distance ``0.5``) from ``0`` and from ``0.5 * 1``;
+    on a tie the ``D8`` candidate wins:
+
+    >>> import numpy as np
+    >>> from latkv.lattice import nearest_e8_reference
+    >>> nearest_e8_reference(np.full((1, 8), 0.25, np.float32))
+    array([[0., 0., 0., 0., 0., 0., 0., 0.]], dtype=float32)
+    >>> nearest_e8_reference(np.full((1, 8), 0.26, np.float32))
+    array([[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]], dtype=float32)
+    """
     xp = array_module(x)
     half = xp.float32(0.5)
     integer = nearest_d8_reference(x)
@@ -142,7 +204,26 @@ def nearest_e8(x: Any, *, backend: str | None = None) -> Any:
 
 
 def is_e8(y: Any) -> Any:
-    """Whether each row of ``y : (..., 8)`` is a point of ``E8`` (boolean ``(...,)``)."""
+    """Whether each row of ``y : (..., 8)`` is a point of ``E8`` (boolean ``(...,)``).
+
+    Parameters
+    ----------
+    y : (..., 8) float, NumPy or CuPy
+
+    Returns
+    -------
+    (...,) bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.lattice import is_e8
+    >>> is_e8(np.array([[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],     # D8 + 1/2
+    ...                 [1, 1, 0, 0, 0, 0, 0, 0],                     # D8: even sum
+    ...                 [1, 0, 0, 0, 0, 0, 0, 0],                     # odd sum
+    ...                 [-0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]))  # odd after - 1/2
+    array([ True,  True, False, False])
+    """
     xp = array_module(y)
     doubled = xp.asarray(y, dtype=xp.float64) * 2
     integral = (doubled == xp.rint(doubled)).all(axis=-1)
@@ -159,6 +240,25 @@ def e8_short_vectors(squared_norm: int) -> np.ndarray:
 
     The roots are E8's Voronoi-relevant vectors; with the 2160 vectors of norm 4 they give
     a stronger check that a point is nearest (``tests/test_lattice.py``).
+
+    Parameters
+    ----------
+    squared_norm : {2, 4}
+
+    Returns
+    -------
+    (240, 8) or (2160, 8) float32
+        Sorted rows (cached: do not modify).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.lattice import e8_short_vectors, is_e8
+    >>> roots = e8_short_vectors(2)
+    >>> roots.shape, e8_short_vectors(4).shape, bool(is_e8(roots).all())
+    ((240, 8), (2160, 8), True)
+    >>> bool(((roots**2).sum(axis=1) == 2).all())
+    True
     """
     if squared_norm not in (2, 4):
         raise ValueError(f"squared_norm must be 2 or 4, got {squared_norm}")

@@ -24,7 +24,26 @@ from latkv.checks import check_bits, check_int, check_integer_array
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Bytes per row for ``n`` codes of ``bits`` bits: ``ceil(n * bits / 8)``."""
+    """Bytes per row for ``n`` codes of ``bits`` bits: ``ceil(n * bits / 8)``.
+
+    Parameters
+    ----------
+    n : int
+        Codes per row, ``>= 0``.
+    bits : int
+        Bits per code, 1..8.
+
+    Returns
+    -------
+    int
+        The last dimension of `pack_bits`' output.
+
+    Examples
+    --------
+    >>> import latkv
+    >>> latkv.packed_length(128, 4), latkv.packed_length(3, 3), latkv.packed_length(0, 5)
+    (64, 2, 0)
+    """
     return (n * bits + 7) // 8
 
 
@@ -115,6 +134,19 @@ def unpack_bits(packed: Any, bits: int, n: int, *, backend: str | None = None) -
     -------
     codes : (..., n) uint8
         Equivalent to `unpack_bits_reference`.
+
+    Examples
+    --------
+    The 3-bit codes ``[1, 2, 3]`` occupy 9 bits, ``0b11_010_001`` and a zero bit in the next
+    byte (the layout of the module docstring):
+
+    >>> import numpy as np, latkv
+    >>> latkv.unpack_bits(np.array([0xD1, 0x00], dtype=np.uint8), 3, 3)
+    array([1, 2, 3], dtype=uint8)
+    >>> codes = np.random.default_rng(0).integers(0, 8, size=(2, 5), dtype=np.uint8)
+    >>> packed = latkv.pack_bits(codes, 3)
+    >>> packed.shape, bool((latkv.unpack_bits(packed, 3, 5) == codes).all())
+    ((2, 2), True)
     """
     bits = check_bits(bits)
     n = check_int(n, "n", 0)

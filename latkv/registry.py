@@ -136,7 +136,36 @@ def format_spec(name: str, params: Mapping[str, Any]) -> str:
 
 
 def quantizer_for(codes: "Codes") -> "Quantizer":
-    """Rebuild the quantizer that wrote ``codes`` from their method and parameters."""
+    """Rebuild the quantizer that wrote ``codes`` from their method and parameters.
+
+    Parameters
+    ----------
+    codes : Codes
+        Codes from ``encode`` or `latkv.load`; only their ``method`` and ``params`` are read.
+
+    Returns
+    -------
+    Quantizer
+        Equal to the quantizer that wrote ``codes`` (same class and parameters), so it
+        decodes them and scores queries against them.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, or parameters its constructor refuses.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv
+    >>> qz = latkv.quantizer("scalar:3,group=32", dim=64)
+    >>> codes = qz.encode(np.random.default_rng(0).standard_normal((4, 64)))
+    >>> codes.method, codes.params
+    ('scalar', {'dim': 64, 'bits': 3, 'group': 32, 'axis': 'token'})
+    >>> latkv.quantizer_for(codes) == qz
+    True
+    >>> bool((latkv.quantizer_for(codes).decode(codes) == qz.decode(codes)).all())
+    True
+    """
     cls = method_class(codes.method)
     try:
         return cls(**dict(codes.params))

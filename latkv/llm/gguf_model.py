@@ -50,6 +50,24 @@ class ModelConfig:
         RMSNorm epsilon.
     name : str
         ``general.name``.
+
+    Examples
+    --------
+    `Model.load` reads it from a GGUF file (`read_config`); SmolLM2-135M has 9 query heads
+    sharing 3 KV heads:
+
+    >>> from latkv.llm import Model
+    >>> Model.load("SmolLM2-135M-Instruct.Q4_1.gguf").config.group_size  # doctest: +SKIP
+    3
+
+    It can also be written out, e.g. for a tiny random `Model`:
+
+    >>> from latkv.llm import ModelConfig
+    >>> config = ModelConfig("llama", n_layers=1, hidden=16, ffn_hidden=32, n_heads=4,
+    ...                      n_kv_heads=2, head_dim=8, vocab_size=40, context_length=64,
+    ...                      rope_base=10000.0, rope_dim=8, rope_scale=1.0, norm_eps=1e-5)
+    >>> config.group_size, config.name
+    (2, '')
     """
 
     architecture: str

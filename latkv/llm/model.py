@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from latkv.llm.gguf_model import (
+    LayerWeights,
     ModelConfig,
     ModelWeights,
     open_gguf,
@@ -125,6 +126,44 @@ class Model:
         self.weights = weights
         self.tokenizer = tokenizer
         self.source = source
+
+    @classmethod
+    def random(cls, seed: int = 0, *, layers: int = 1, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 8, hidden: int = 16, vocab: int = 40) -> Model:
+        """A tiny Llama-style decoder with seeded random weights (examples, tests).
+
+        Matrices are ``N(0, 1/in)``, norms 1, the output tied to the embedding, no tokenizer
+        (feed token ids). Defaults: 1 layer, 4 query and 2 KV heads of dimension 8.
+
+        Examples
+        --------
+        >>> from latkv.llm import Model
+        >>> model = Model.random(seed=0)
+        >>> model.config.n_heads, model.config.n_kv_heads, model.config.head_dim
+        (4, 2, 8)
+        >>> model.negative_log_likelihoods(list(range(12))).shape
+        (11,)
+        """
+        rng = np.random.default_rng(seed)
+
+        def matrix(rows: int, columns: int) -> np.ndarray:
+            return (rng.standard_normal((rows, columns)) / np.sqrt(columns)).astype(np.float32)
+
+        ffn = 2 * hidden
+        ones = np.ones(hidden, np.float32)
+        config = ModelConfig("llama", n_layers=layers, hidden=hidden, ffn_hidden=ffn,
+                             n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
+                             vocab_size=vocab, context_length=4096, rope_base=10000.0,
+                             rope_dim=head_dim, rope_scale=1.0, norm_eps=1e-5)
+        blocks = [LayerWeights(ones, matrix(heads * head_dim, hidden),
+                               matrix(kv_heads * head_dim, hidden),
+                               matrix(kv_heads * head_dim, hidden),
+                               matrix(hidden, heads * head_dim), ones, matrix(ffn, hidden),
+                               matrix(ffn, hidden), matrix(hidden, ffn))
+                  for _ in range(layers)]
+        embedding = matrix(vocab, hidden)
+        return cls(config, ModelWeights(embedding, blocks, ones, embedding, tied_output=True),
+                   source=f"Model.random(seed={seed})")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Model:

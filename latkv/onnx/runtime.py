@@ -99,6 +99,22 @@ def session(model: Any, providers: list[str] | None = None, options: Any = None)
     ValueError
         The model is not a latkv export, has another ONNX format version, names an invalid
         quantizer, or (custom flavour) its nodes' attributes disagree with its metadata.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv, latkv.onnx
+    >>> qz = latkv.ScalarQuant(dim=8, bits=4, group=8)
+    >>> model = latkv.onnx.export(qz, "decode")
+    >>> sess = latkv.onnx.session(model, providers=["CPUExecutionProvider"])
+    >>> sess.latkv_metadata["latkv_what"], sess.latkv_metadata["latkv_spec"]
+    ('decode', 'scalar:4,dim=8,group=8,axis=token')
+    >>> codes = qz.encode(np.random.default_rng(0).standard_normal((1, 2, 3, 8)))
+    >>> (x_hat,) = sess.run(None, dict(codes.arrays))
+    >>> bool((x_hat == qz.decode(codes)).all())
+    True
+    >>> sess.run(None, {**codes.arrays, "scale": codes["scale"].astype(np.float32)})
+    Traceback (most recent call last):
+    ValueError: input 'scale' must be float16, got float32
     """
     import onnxruntime
 
@@ -121,7 +137,41 @@ def session(model: Any, providers: list[str] | None = None, options: Any = None)
 
 def check_feeds(entries: dict[str, str], feeds: dict[str, Any]) -> None:
     """Refuse what latkv would refuse before onnxruntime sees it: non-finite or empty float
-    inputs, and code arrays that the model's quantizer did not write (shapes, dtypes, values)."""
+    inputs, and code arrays that the model's quantizer did not write (shapes, dtypes, values).
+
+    The ``run`` of a `session` calls it on every feed.
+
+    Parameters
+    ----------
+    entries : dict of str to str
+        The model's latkv metadata (``latkv_what``, ``latkv_spec``, ...: a session's
+        ``latkv_metadata``).
+    feeds : dict of str to array
+        The inputs by name: float ``x``, ``q``, ``key_window``, ``value_window`` and the code
+        arrays of ``code_layout`` (prefixed ``key_`` and ``value_`` for attention).
+
+    Raises
+    ------
+    ValueError
+        Naming the input: a missing code array, a wrong dtype or shape, NaN or Inf.
+
+    Examples
+    --------
+    >>> import numpy as np, latkv, latkv.onnx
+    >>> from latkv.onnx.runtime import check_feeds
+    >>> qz = latkv.ScalarQuant(dim=8, bits=4, group=8)
+    >>> model = latkv.onnx.export(qz, "decode")
+    >>> entries = {entry.key: entry.value for entry in model.metadata_props}
+    >>> codes = qz.encode(np.random.default_rng(0).standard_normal((1, 2, 3, 8)))
+    >>> check_feeds(entries, dict(codes.arrays))        # what qz wrote: accepted
+    >>> check_feeds(entries, {"packed": codes["packed"]})
+    Traceback (most recent call last):
+    ValueError: missing inputs ['scale', 'zero']
+    >>> short = {**codes.arrays, "packed": codes["packed"][..., :3]}     # a byte short a row
+    >>> check_feeds(entries, short)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: the code arrays do not fit ...: codes array 'packed' has shape (1, 2, 3, 3) ...
+    """
     from latkv.checks import check_float_array
     from latkv.onnx.custom import codes_from_arrays
     from latkv.registry import quantizer
