@@ -32,8 +32,8 @@ import latkv.onnx
 from latkv.cli import machine_description
 
 KV_HEADS, GROUP, DIM = 8, 4, 128
-SPECS = ("turbo:4", "turbo:2", "turbo:4,mode=prod", "qjl:256", "scalar:4",
-         "scalar:4,axis=channel,group=128", "polar", "e8:4")
+SPECS = ("turbo:4", "turbo:2", "turbo:4,mode=prod", "turbo:4,center=True", "qjl:256",
+         "scalar:4", "scalar:4,axis=channel,group=128", "polar", "e8:4")
 WHATS = ("encode", "decode", "scores", "attention")
 
 
