@@ -37,11 +37,20 @@ _all_registered = False
 _errors: list[str] = []
 
 
+#: stand-in leading sizes (distinct primes): a probe layout tells the per-vector arrays apart
+PROBE_LEAD = (1009, 1013)
+
+
+def probe_layout(qz: Quantizer) -> dict[str, tuple[tuple[int | None, ...], str]]:
+    """``qz.code_layout`` for inputs ``(*PROBE_LEAD, dim)``: the arrays' names in node order,
+    their dtypes, and which axes are the leading ones."""
+    return qz.code_layout((*PROBE_LEAD, qz.dim))
+
+
 def op_type(what: str, keys: Quantizer, values: Quantizer | None = None) -> str:
     """``LatkvEncodeN`` / ``LatkvDecodeN`` / ``LatkvScoresN`` / ``LatkvCompressedAttentionNxM``
     with ``N``, ``M`` the number of code arrays of the key (value) quantizer."""
-    counts = [len(qz.code_layout((1009, 1013, 1019, qz.dim)))
-              for qz in ((keys, values) if what == "attention" else (keys,))]
+    counts = [len(probe_layout(qz)) for qz in ((keys, values) if what == "attention" else (keys,))]
     if max(counts) > MAX_ARRAYS:
         raise ValueError(f"custom ops take at most {MAX_ARRAYS} code arrays, got {counts}")
     if what == "attention":
@@ -110,12 +119,12 @@ def _quantizer(spec: str) -> Quantizer:
 def codes_from_arrays(qz: Quantizer, arrays: tuple[np.ndarray, ...], dtype: str) -> Codes:
     """Codes from the node's input arrays (in ``code_layout`` order); the encoded shape is
     read off the first array that has one row per vector."""
-    names = list(qz.code_layout((1009, 1013, qz.dim)))
-    probe = qz.code_layout((1009, 1013, qz.dim))
+    probe = probe_layout(qz)
+    names = list(probe)
     lead = None
     for name, array in zip(names, arrays):
         shape = probe[name][0]
-        if len(shape) >= 3 and tuple(shape[:2]) == (1009, 1013) and array.ndim >= 1:
+        if len(shape) >= 3 and tuple(shape[:2]) == PROBE_LEAD and array.ndim >= 1:
             lead = tuple(array.shape[: array.ndim - (len(shape) - 2)])
             break
     if lead is None:
@@ -135,21 +144,22 @@ def run_encode(x: np.ndarray, spec: str, latkv_format: int) -> tuple[np.ndarray,
 
 def run_decode(*arrays: np.ndarray, spec: str, latkv_format: int) -> np.ndarray:
     qz = _quantizer(spec)
-    dtype = "float32"
-    return qz.decode(codes_from_arrays(qz, arrays, dtype), backend=BACKEND).astype(np.float64)
+    codes = codes_from_arrays(qz, arrays, "float32")
+    return qz.decode(codes, backend=BACKEND).astype(np.float64)
 
 
 def run_scores(q: np.ndarray, *arrays: np.ndarray, spec: str, latkv_format: int) -> np.ndarray:
     qz = _quantizer(spec)
     q = np.asarray(q, dtype=np.float32)
-    return qz.scores(q, codes_from_arrays(qz, arrays, "float32"), backend=BACKEND).astype(np.float64)
+    codes = codes_from_arrays(qz, arrays, "float32")
+    return qz.scores(q, codes, backend=BACKEND).astype(np.float64)
 
 
 def run_attention(q: np.ndarray, *arrays: np.ndarray, spec: str, value_spec: str,
                   latkv_format: int, scale: float) -> np.ndarray:
     keys, values = _quantizer(spec), _quantizer(value_spec)
     q = np.asarray(q, dtype=np.float32)
-    count = len(keys.code_layout((1009, 1013, 1019, keys.dim)))
+    count = len(probe_layout(keys))
     key_codes = codes_from_arrays(keys, arrays[:count], "float32")
     value_codes = codes_from_arrays(values, arrays[count:], "float32")
     logits = keys.scores(q, key_codes, backend=BACKEND).astype(np.float64) * scale

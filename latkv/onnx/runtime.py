@@ -173,7 +173,7 @@ def check_feeds(entries: dict[str, str], feeds: dict[str, Any]) -> None:
     ValueError: the code arrays do not fit ...: codes array 'packed' has shape (1, 2, 3, 3) ...
     """
     from latkv.checks import check_float_array
-    from latkv.onnx.custom import codes_from_arrays
+    from latkv.onnx.custom import codes_from_arrays, probe_layout
     from latkv.registry import quantizer
 
     for name in ("x", "q", "key_window", "value_window"):
@@ -187,14 +187,14 @@ def check_feeds(entries: dict[str, str], feeds: dict[str, Any]) -> None:
     if what == "attention":
         groups.append((quantizer(entries["latkv_value_spec"]), "value_"))
     for qz, prefix in groups:
-        names = [prefix + key for key in qz.code_layout((1009, 1013, qz.dim))]
+        expected = probe_layout(qz)
+        names = [prefix + key for key in expected]
         missing = [n for n in names if n not in feeds]
         if missing:
             raise ValueError(f"missing inputs {missing}")
         if qz.variable_rate:
             continue
         arrays = [np.asarray(feeds[n]) for n in names]
-        expected = qz.code_layout((1009, 1013, qz.dim))
         for name, array, (_, dtype) in zip(names, arrays, expected.values()):
             if array.dtype != np.dtype(dtype):
                 raise ValueError(f"input {name!r} must be {dtype}, got {array.dtype}")
