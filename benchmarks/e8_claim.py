@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 
 import latkv
 from latkv import entropy, metrics
+from latkv.cli import machine_description
 from latkv.compare import check_kv, chunk_bounds
 from latkv.sample import load_sample
 
@@ -192,7 +192,7 @@ def main() -> int:
             "data": "embedded SmolLM2-135M sample (5 layers, 3 kv heads, 2 x 160 tokens, dim 64)",
             "command": "python benchmarks/e8_claim.py --json benchmarks/results/e8_claim.json",
             "curves": results, "ratios": table,
-            "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "machine": machine_description(),
         }, indent=1))
     return 0 if ok else 1
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 import latkv
 from latkv import metrics
+from latkv.cli import machine_description
 from latkv.compare import chunk_bounds, check_kv
 from latkv.sample import load_sample
 
@@ -95,7 +97,9 @@ def main() -> None:
                   flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"data": "embedded SmolLM2 sample", "rows": rows},
+        command = "python benchmarks/key_study.py " + " ".join(sys.argv[1:])
+        args.json.write_text(json.dumps({"data": "embedded SmolLM2 sample", "command": command,
+                                         "machine": machine_description(), "rows": rows},
                                         indent=1))
 
 

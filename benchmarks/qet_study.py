@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import latkv
+from latkv.cli import machine_description
 from latkv.compare import check_kv, chunk_bounds
 from latkv.sample import load_sample
 
@@ -128,9 +128,9 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "command": f"python benchmarks/qet_study.py --blocks {args.blocks}",
+            "command": f"python benchmarks/qet_study.py --blocks {args.blocks} --json {args.json}",
             "blocks": blocks, "rows": rows,
-            "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+            "machine": machine_description(),
         }, indent=1))
     return 0 if ok else 1
 

@@ -61,8 +61,6 @@ COMMAND_OF_RESULT = {
                              "--json benchmarks/results/decode_attention.json",
     "onnx_speed.json": "OPENBLAS_NUM_THREADS=1 python benchmarks/onnx_speed.py "
                        "--json benchmarks/results/onnx_speed.json",
-    "key_study.json": "python benchmarks/key_study.py --sink "
-                      "--json benchmarks/results/key_study.json",
 }
 
 #: Scripts whose name is not the results file's stem (used only when the JSON has no command).
