@@ -15,9 +15,10 @@ Fixed rate (``entropy=False``): a Voronoi code
     coordinate) with ``G`` the generator matrix of SPLAG ch. 4 eq. (102) (`GENERATOR`), and
     decoded as ``y - q nearest_e8((y - a) / q)`` with ``y = k G``.
 
-    Each vector stores one float16 scale ``s``: the smallest of a fixed ladder of candidates
-    (`voronoi_encode_reference`) at which *every* group's nearest lattice point
-    ``nearest_e8(x / s)`` lies in ``C_b`` (no overload). Since ``C_b`` is part of E8, that point is then the exact
+    Each vector stores one float16 scale ``s``: a rung of a fixed ladder of candidates
+    (`scale_ladder`), the lowest that a coarse-then-fine search (`voronoi_encode_reference`)
+    finds at which *every* group's nearest lattice point ``nearest_e8(x / s)`` lies in ``C_b``
+    (no overload; the rung just below never fits). Since ``C_b`` is part of E8, that point is then the exact
     nearest codebook point. Why a Voronoi code and not the ``2^(8b)`` shortest vectors or
     QuIP#'s E8P: it exists for every ``b`` (E8P is a 2-bit construction, and a shell-ordered
     codebook of ``2^24`` points has no exact search cheaper than enumeration), encoding and
@@ -101,7 +102,36 @@ ROTATIONS = ("hadamard", "none")
 
 
 def voronoi_labels(points: Any, bits: int) -> Any:
-    """Labels ``k = λ G^-1 mod 2^bits`` of E8 points ``λ : (..., 8)``; int64 ``(..., 8)``."""
+    """Labels ``k = λ G^-1 mod 2^bits`` of E8 points ``λ`` (`GENERATOR` is ``G``).
+
+    Two points get the same labels exactly when they differ by a point of ``2^bits E8``, so
+    on the Voronoi code ``C_bits`` (one point per coset) the labels are a bijection onto
+    ``[0, 2^bits)^8``; `voronoi_points` inverts it.
+
+    Parameters
+    ----------
+    points : (..., 8) float, NumPy or CuPy
+        Points of E8 (half-integers); any float dtype (computed in float64).
+    bits : int
+        ``q = 2^bits``.
+
+    Returns
+    -------
+    (..., 8) int64
+        In ``[0, 2^bits)``.
+
+    Examples
+    --------
+    The rows of ``G`` have the unit label vectors, and adding ``q E8`` changes nothing:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import GENERATOR, voronoi_labels
+    >>> labels = voronoi_labels(GENERATOR, 2)
+    >>> labels.dtype, bool(np.array_equal(labels, np.eye(8)))
+    (dtype('int64'), True)
+    >>> bool(np.array_equal(voronoi_labels(GENERATOR + 4 * GENERATOR[::-1], 2), labels))
+    True
+    """
     xp = array_module(points)
     k = xp.rint(points.astype(xp.float64) @ xp.asarray(GENERATOR_INVERSE))
     return k.astype(xp.int64) % (1 << bits)
@@ -110,8 +140,39 @@ def voronoi_labels(points: Any, bits: int) -> Any:
 def voronoi_points(labels: Any, bits: int, *, backend: str | None = None) -> Any:
     """The code point of each label vector: ``y - q nearest_e8((y - a) / q)``, ``y = k G``.
 
-    ``labels : (..., 8)`` integers in ``[0, 2^bits)`` -> ``(..., 8)`` float32 points of
-    ``C_bits``; the inverse of `voronoi_labels` on the code.
+    The inverse of `voronoi_labels` on the code ``C_bits`` (``q = 2^bits``, ``a`` =
+    `TIE_OFFSET`).
+
+    Parameters
+    ----------
+    labels : (..., 8) integer, NumPy or CuPy
+        In ``[0, 2^bits)``.
+    bits : int
+        ``q = 2^bits``.
+    backend : str, optional
+        Where `latkv.lattice.nearest_e8` runs (by default the array module of ``labels``
+        picks; all backends give the same points).
+
+    Returns
+    -------
+    (..., 8) float32
+        Points of ``C_bits``.
+
+    Examples
+    --------
+    At ``bits=1`` the ``2^8`` label vectors give ``2^8`` distinct points of the code, and
+    `voronoi_labels` gives the labels back:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import in_voronoi_code, voronoi_labels, voronoi_points
+    >>> labels = np.array(list(np.ndindex(*[2] * 8)))
+    >>> points = voronoi_points(labels, 1, backend="numpy")
+    >>> points.shape, points.dtype, len(np.unique(points, axis=0))
+    ((256, 8), dtype('float32'), 256)
+    >>> bool(in_voronoi_code(points, 1, backend="numpy").all())
+    True
+    >>> bool(np.array_equal(voronoi_labels(points, 1), labels))
+    True
     """
     xp = array_module(labels)
     q = float(1 << bits)
@@ -121,7 +182,35 @@ def voronoi_points(labels: Any, bits: int, *, backend: str | None = None) -> Any
 
 
 def in_voronoi_code(points: Any, bits: int, *, backend: str | None = None) -> Any:
-    """Whether each E8 point ``(..., 8)`` lies in ``C_bits`` (boolean ``(...,)``)."""
+    """Whether each E8 point lies in ``C_bits``: ``nearest_e8((λ - a) / 2^bits) == 0``.
+
+    Parameters
+    ----------
+    points : (..., 8) float32, NumPy or CuPy
+        Points of E8.
+    bits : int
+        ``q = 2^bits``.
+    backend : str, optional
+        Where `latkv.lattice.nearest_e8` runs.
+
+    Returns
+    -------
+    (...,) bool
+
+    Examples
+    --------
+    ``±(2, 2, 0, ..., 0)`` differ by ``4 (1, 1, 0, ..., 0)`` (a point of ``4 E8``) and lie
+    on the boundary of the cell of ``4 E8``: the offset `TIE_OFFSET` admits exactly one of
+    them. ``4 (1, 1, 0, ..., 0)`` is in the coset of the origin, whose representative is the
+    origin:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import in_voronoi_code
+    >>> points = np.array([[2, 2, 0, 0, 0, 0, 0, 0], [-2, -2, 0, 0, 0, 0, 0, 0],
+    ...                    [4, 4, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+    >>> in_voronoi_code(points, 2, backend="numpy")
+    array([ True, False, False,  True])
+    """
     xp = array_module(points)
     shift = nearest_e8((points - xp.asarray(TIE_OFFSET)) / xp.float32(1 << bits),
                        backend=backend)
@@ -138,6 +227,29 @@ def scale_ladder(bits: int) -> tuple[int, np.ndarray]:
     inradius of ``q V``) is enough, which ``m >= sqrt(8) q / (q / sqrt(2) - 1.05)``
     guarantees (a 1% margin covers the float16 rounding of ``s``). Every backend takes the
     multipliers from this table, so none depends on its own ``pow``.
+
+    Parameters
+    ----------
+    bits : int
+        ``q = 2^bits``.
+
+    Returns
+    -------
+    low : int
+        ``floor(32 log2(q / (q + 1.04)))``, negative.
+    multipliers : (high - low + 1,) float64
+        ``multipliers[i] = 2^((low + i) / 32)``, increasing; ``high = ceil(32 log2(1.01
+        sqrt(8) q / (q / sqrt(2) - 1.05)))``.
+
+    Examples
+    --------
+    >>> import math
+    >>> from latkv.e8 import scale_ladder
+    >>> low, multipliers = scale_ladder(2)
+    >>> low == math.floor(32 * math.log2(4 / 5.04)), float(multipliers[-low])
+    (True, 1.0)
+    >>> bool(multipliers[-1] >= 1.01 * math.sqrt(8) * 4 / (4 / math.sqrt(2) - 1.05))
+    True
     """
     q = 1 << bits
     low = math.floor(SCALE_LADDER * math.log2(q / (q + 1.04)))
@@ -146,7 +258,30 @@ def scale_ladder(bits: int) -> tuple[int, np.ndarray]:
 
 
 def scale_candidate(base: Any, multiplier: Any) -> Any:
-    """``max(fp16(base * multiplier), 2^-24)`` as float32 (one rounding, float64 to float16)."""
+    """``max(fp16(base * multiplier), 2^-24)`` as float32 (one rounding, float64 to float16).
+
+    Parameters
+    ----------
+    base : (...) float64, NumPy or CuPy
+        ``max |x| / 2^bits`` of each vector.
+    multiplier : float64 scalar or array broadcasting against ``base``
+        Rungs of `scale_ladder`.
+
+    Returns
+    -------
+    (...) float32
+        Float16 values, at least the smallest positive float16 ``2^-24``.
+
+    Examples
+    --------
+    ``1/3`` rounds to the float16 ``1365 / 4096``; tiny products are floored at ``2^-24``:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import scale_candidate
+    >>> s = scale_candidate(np.array([1.0, 1 / 3, 1e-9]), 1.0)
+    >>> s.dtype, s.tolist() == [1.0, 1365 / 4096, 2.0 ** -24]
+    (dtype('float32'), True)
+    """
     xp = array_module(base)
     s = (base * multiplier).astype(xp.float16).astype(xp.float32)
     return xp.maximum(s, xp.float32(SMALLEST_SCALE))
@@ -172,9 +307,33 @@ def voronoi_encode_reference(rotated: Any, multipliers: Any, bits: int, *,
         ``r - 1`` and keeps the first rung that fits (``r - 1`` if none does); the *fine* pass
         tries the 7 rungs below it, lowest first, ``i >= 0`` only, and keeps the first that
         fits (else the coarse rung). A rung *fits* when every group's ``λ =
-        nearest_e8(float32(x_g / s))`` is in ``C_bits`` (`in_voronoi_code`).
+        nearest_e8(float32(x_g / s))`` is in ``C_bits`` (`in_voronoi_code`). Either pass has
+        tried the rung just below the chosen one (if there is one), so it does not fit.
     labels : (n, dim) uint8
         `voronoi_labels` of the groups' ``λ`` at the chosen scale.
+
+    Examples
+    --------
+    The scale is a rung of the ladder, every label has ``bits`` bits, and at the rung just
+    below (none of these vectors chose rung 0) some group of the vector overloads (its
+    nearest point leaves the code):
+
+    >>> import numpy as np
+    >>> from latkv.e8 import (in_voronoi_code, scale_candidate, scale_ladder,
+    ...                       voronoi_encode_reference)
+    >>> from latkv.lattice import nearest_e8
+    >>> x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    >>> _, multipliers = scale_ladder(2)
+    >>> scale, labels = voronoi_encode_reference(x, multipliers, 2)
+    >>> scale.shape, scale.dtype, labels.shape, labels.dtype, int(labels.max()) < 4
+    ((3,), dtype('float32'), (3, 16), dtype('uint8'), True)
+    >>> base = np.abs(x).max(axis=1).astype(np.float64) / 4
+    >>> rung = np.array([np.flatnonzero(scale_candidate(b, multipliers) == s)[0]
+    ...                  for b, s in zip(base, scale)])
+    >>> below = scale_candidate(base, multipliers[rung - 1])
+    >>> points = nearest_e8(x.reshape(3, 2, 8) / below[:, None, None], backend="numpy")
+    >>> in_voronoi_code(points, 2, backend="numpy").all(axis=-1)
+    array([False, False, False])
     """
     xp = array_module(rotated)
     n, dim = rotated.shape
@@ -214,9 +373,38 @@ def voronoi_encode_reference(rotated: Any, multipliers: Any, bits: int, *,
 
 def voronoi_decode_reference(labels: Any, scale: Any, bits: int, *,
                              backend: str = "numpy") -> Any:
-    """The code points of ``labels : (n, dim)`` (uint8, below ``2^bits``) times ``scale :
-    (n,)`` float32: `voronoi_points` of each group times its vector's scale, ``(n, dim)``
-    float32 (``backend``: where `nearest_e8` runs)."""
+    """`voronoi_points` of each 8-label group times its vector's scale.
+
+    Parameters
+    ----------
+    labels : (n, dim) uint8
+        Below ``2^bits``; ``dim`` a multiple of 8.
+    scale : (n,) float32
+    bits : int
+        Bits per label, as encoded.
+    backend : str
+        Where `latkv.lattice.nearest_e8` runs.
+
+    Returns
+    -------
+    (n, dim) float32
+
+    Examples
+    --------
+    Each group was snapped to its nearest E8 point at its scale, and E8's covering radius is
+    1, so every group of the decoded vector lies within ``scale`` of the input's:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import scale_ladder, voronoi_decode_reference, voronoi_encode_reference
+    >>> x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    >>> scale, labels = voronoi_encode_reference(x, scale_ladder(2)[1], 2)
+    >>> x_hat = voronoi_decode_reference(labels, scale, 2)
+    >>> x_hat.shape, x_hat.dtype
+    ((3, 16), dtype('float32'))
+    >>> error = np.linalg.norm((x - x_hat).reshape(3, 2, 8), axis=-1)
+    >>> bool((error <= scale[:, None]).all())
+    True
+    """
     n, dim = labels.shape
     points = voronoi_points(labels.reshape(n, dim // 8, 8), bits, backend=backend)
     return (points * scale[:, None, None]).reshape(n, dim)
@@ -226,10 +414,49 @@ def voronoi_decode_reference(labels: Any, scale: Any, bits: int, *,
 
 
 def lattice_symbols(points: Any, offset: int) -> tuple[np.ndarray, ...]:
-    """The three symbol streams of E8 points ``(g, 8)`` and their contexts (module docstring).
+    """The three symbol streams of E8 points and their contexts (module docstring).
 
-    Returns ``(coset, coordinates, last, coordinate_contexts, last_contexts)``, int64, with
-    the coordinates and last symbols already offset by ``offset = K``.
+    A point ``λ = u + c/2`` becomes its coset bit ``c``, ``u_1 .. u_7`` and ``(u_8 - p) / 2``
+    with ``p`` the parity of ``u_1 + ... + u_7`` (exact: ``u`` has an even sum).
+
+    Parameters
+    ----------
+    points : (g, 8) float, NumPy
+        Points of E8 (half-integers; any float dtype) with ``|λ_i| <= offset``, so that the
+        offset symbols lie in ``[0, 2 K]``.
+    offset : int
+        ``K``: added to the coordinate and last symbols.
+
+    Returns
+    -------
+    coset : (g,) int64
+        ``c``, 0 or 1 (context 0).
+    coordinates : (7 g,) int64
+        ``u_1 + K .. u_7 + K`` of every group, group by group.
+    last : (g,) int64
+        ``(u_8 - p) / 2 + K``.
+    coordinate_contexts : (7 g,) int64
+        ``1 + c``.
+    last_contexts : (g,) int64
+        ``3 + 2 c + p``.
+
+    Examples
+    --------
+    ``0.5 * 1`` and ``(-1.5, 0.5, ..., 0.5)`` are in the half-integer coset; ``(1, 0, ...,
+    0, 3)`` has ``u_1 + ... + u_7 = 1`` odd, so its last symbol is ``(3 - 1) / 2 + K``:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import lattice_symbols, points_from_symbols
+    >>> points = np.array([[0.5] * 8, [1, 0, 0, 0, 0, 0, 0, 3], [-1.5] + [0.5] * 7],
+    ...                   np.float32)
+    >>> coset, coordinates, last, coordinate_contexts, last_contexts = lattice_symbols(
+    ...     points, 3)
+    >>> coset, last, last_contexts
+    (array([1, 0, 1]), array([3, 4, 3]), array([5, 4, 5]))
+    >>> coordinates.reshape(3, 7)[:, 0], coordinate_contexts.reshape(3, 7)[:, 0]
+    (array([3, 4, 1]), array([2, 1, 2]))
+    >>> bool(np.array_equal(points_from_symbols(coset, coordinates, last, 3), points))
+    True
     """
     doubled = np.rint(points.astype(np.float64) * 2).astype(np.int64)
     coset = doubled[:, 0] & 1
@@ -242,7 +469,34 @@ def lattice_symbols(points: Any, offset: int) -> tuple[np.ndarray, ...]:
 
 def points_from_symbols(coset: np.ndarray, coordinates: np.ndarray, last: np.ndarray,
                         offset: int) -> np.ndarray:
-    """The inverse of `lattice_symbols`: ``(g, 8)`` float32 E8 points."""
+    """The inverse of `lattice_symbols`: the E8 points of the three symbol streams.
+
+    Parameters
+    ----------
+    coset : (g,) int64
+        0 or 1.
+    coordinates : (7 g,) int64
+        Offset by ``offset``.
+    last : (g,) int64
+        Offset by ``offset``.
+    offset : int
+        The ``K`` that `lattice_symbols` added.
+
+    Returns
+    -------
+    (g, 8) float32
+
+    Examples
+    --------
+    All symbols at the offset (coset 0, ``u_1 .. u_7 = 0``, parity 0) give the origin;
+    coset 1 gives ``0.5 * 1``:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import points_from_symbols
+    >>> points = points_from_symbols(np.array([0, 1]), np.full(14, 2), np.full(2, 2), 2)
+    >>> points.dtype, points.tolist() == [[0.0] * 8, [0.5] * 8]
+    (dtype('float32'), True)
+    """
     u = np.empty((coset.shape[0], 8), dtype=np.int64)
     u[:, :7] = coordinates.reshape(-1, 7) - offset
     parity = u[:, :7].sum(axis=1) & 1
@@ -259,11 +513,44 @@ def _stream_header_bytes(symbols: int) -> int:
 
 @dataclass(frozen=True)
 class E8Stage:
-    """E8 on vectors of length ``dim`` (a multiple of 8).
+    """E8 on vectors of length ``dim`` (a multiple of 8): the stage inside `E8Quant`.
 
     Unlike the other stages it needs the input's leading shape to decode (the entropy-coded
     steps are per head), so `E8Quant` calls `rotated_estimate` with it instead of a
     ``decode`` / ``scores`` pair.
+
+    Parameters
+    ----------
+    dim : int
+        A multiple of 8.
+    bits : int or float
+        Label bits per coordinate (fixed rate) or the target rate (``entropy_coded``).
+    entropy_coded : bool
+        rANS streams instead of fixed-size labels (module docstring).
+    rotation_kind : {"hadamard", "none"}
+    seed : int
+        Seeds the `latkv.RandomizedHadamard` rotation.
+    side_bits : float
+        Bits per vector of channel statistics, charged to the entropy target.
+
+    Examples
+    --------
+    Fixed rate, without the rotation: ``packed_length(16, 2) + 2 = 6`` bytes per vector, and
+    every group of the estimate lies within its vector's scale of the input:
+
+    >>> import numpy as np
+    >>> from latkv.e8 import E8Stage
+    >>> stage = E8Stage(dim=16, bits=2, entropy_coded=False, rotation_kind="none", seed=0)
+    >>> stage.nbytes, stage.layout((3,))
+    (6, {'labels': ((3, 4), 'uint8'), 'scale': ((3,), 'float16')})
+    >>> x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    >>> arrays = stage.encode(x, "numpy")
+    >>> arrays["labels"].shape, arrays["scale"].dtype
+    ((3, 4), dtype('float16'))
+    >>> estimate = stage.rotated_estimate(arrays, (3,), "numpy")
+    >>> error = np.linalg.norm((x - estimate).reshape(3, 2, 8), axis=-1)
+    >>> bool((error <= arrays["scale"].astype(np.float32)[:, None]).all())
+    True
     """
 
     dim: int
@@ -280,11 +567,19 @@ class E8Stage:
 
     @property
     def nbytes(self) -> float:
+        """Bytes per vector: ``packed_length(dim, bits) + 2`` at fixed rate; the target
+        ``dim bits / 8`` when entropy coded."""
         if self.entropy_coded:
             return self.dim * self.bits / 8     # the target
         return packed_length(self.dim, int(self.bits)) + 2
 
     def layout(self, lead: tuple[int, ...]) -> dict[str, tuple[tuple[int | None, ...], str]]:
+        """``{name: (shape, dtype)}`` of the arrays for inputs ``(*lead, dim)``.
+
+        Fixed rate: ``labels (*lead, packed_length(dim, bits))`` uint8 and ``scale lead``
+        float16. Entropy coded: ``step lead[:-1]`` float16 (one per head) and the
+        variable-length uint8 ``model`` and `STREAMS` (shape ``(None,)``).
+        """
         if not self.entropy_coded:
             return {"labels": ((*lead, packed_length(self.dim, int(self.bits))), "uint8"),
                     "scale": (lead, "float16")}
@@ -294,12 +589,16 @@ class E8Stage:
         return layout
 
     def rotate(self, y: Any, backend: str) -> Any:
+        """``y : (..., dim)`` rotated (or as contiguous float32 with ``rotation_kind="none"``),
+        ``(..., dim)`` float32."""
         xp = array_module(y)
         if self.rotation is None:
             return xp.ascontiguousarray(y, dtype=xp.float32)
         return self.rotation.apply(y, backend=backend)
 
     def unrotate(self, y: Any, backend: str) -> Any:
+        """The inverse of `rotate` on ``y : (..., dim)`` float32 (``y`` itself without a
+        rotation)."""
         return y if self.rotation is None else self.rotation.inverse(y, backend=backend)
 
     # -- fixed rate --------------------------------------------------------------------------
@@ -442,6 +741,8 @@ class E8Stage:
     # -- the Stage protocol ------------------------------------------------------------------
 
     def encode(self, y: Any, backend: str) -> dict[str, Any]:
+        """Rotate ``y : (..., dim)`` float32 and quantize it: the arrays of `layout`
+        (``(..., tokens, dim)`` when entropy coded: the steps are per head)."""
         rotated = self.rotate(y, backend)
         if self.entropy_coded:
             return self._encode_entropy(rotated, backend)
@@ -449,7 +750,8 @@ class E8Stage:
 
     def rotated_estimate(self, arrays: dict[str, Any], lead: tuple[int, ...],
                          backend: str) -> Any:
-        """The lattice points times their scale, in the rotated domain (float32)."""
+        """The lattice points times their scale, in the rotated domain: ``(*lead, dim)``
+        float32 from the arrays of `encode` (``lead``: the input's leading shape)."""
         if self.entropy_coded:
             return self._entropy_estimate(arrays, lead)
         return self._fixed_estimate(arrays, backend)

@@ -51,11 +51,36 @@ GRID_BYTES = 8  # float32 minimum and step of a codebook's min-max grid
 
 
 def entangle(x: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Element substitution tree: ``x : (rows, dim)`` -> (reordered ``(rows, dim)``,
-    indicators ``(layers, rows, dim / 2)`` bool).
+    """Element substitution tree: each row's adjacent pairs become minima and maxima.
 
     Level ``l`` splits every part of the previous level into the minima and maxima of its
     adjacent pairs; ``indicators[l]`` holds ``a < b`` for the pairs of all parts, part by part.
+    Every reordered row is a permutation of its input row; `disentangle` inverts it exactly.
+
+    Parameters
+    ----------
+    x : (rows, dim) float32
+        ``dim`` a multiple of ``2^layers``.
+    layers : int
+        Depth of the tree, ``>= 0``.
+
+    Returns
+    -------
+    reordered : (rows, dim), the dtype of ``x``
+    indicators : (layers, rows, dim / 2) bool
+
+    Examples
+    --------
+    The pairs ``(3, 1)`` and ``(2, 0)`` give the minima ``1, 0`` and the maxima ``3, 2``;
+    a second layer splits each half again:
+
+    >>> import numpy as np
+    >>> from latkv.qet import entangle
+    >>> x = np.array([[3, 1, 2, 0]], np.float32)
+    >>> entangle(x, 1)
+    (array([[1., 0., 3., 2.]], dtype=float32), array([[[False, False]]]))
+    >>> entangle(x, 2)[0]
+    array([[0., 1., 2., 3.]], dtype=float32)
     """
     parts = [x]
     indicators = []
@@ -74,7 +99,30 @@ def entangle(x: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def disentangle(y: np.ndarray, indicators: np.ndarray) -> np.ndarray:
-    """The inverse of `entangle`: put every element back in its place."""
+    """The inverse of `entangle`: put every element back in its place.
+
+    Parameters
+    ----------
+    y : (rows, dim)
+        A reordered matrix (or its reconstruction); ``dim`` a multiple of ``2^layers``.
+    indicators : (layers, rows, dim / 2) bool
+        `entangle`'s indicators.
+
+    Returns
+    -------
+    (rows, dim), the dtype of ``y``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import disentangle, entangle
+    >>> x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    >>> reordered, indicators = entangle(x, 3)
+    >>> indicators.shape, bool(np.array_equal(np.sort(reordered), np.sort(x)))
+    ((3, 3, 4), True)
+    >>> bool(np.array_equal(disentangle(reordered, indicators), x))
+    True
+    """
     layers = indicators.shape[0]
     rows, dim = y.shape
     parts = np.split(y, 1 << layers, axis=1)
@@ -98,7 +146,23 @@ def nearest_codeword_reference(points: np.ndarray, codewords: np.ndarray) -> np.
     """Index of the nearest codeword of each point: ``sum_j (p_j - c_j)^2`` in float64,
     accumulated in coordinate order; the lowest index wins ties.
 
-    ``points : (n, d)``, ``codewords : (k, d)`` float64 -> ``(n,)`` int64.
+    Parameters
+    ----------
+    points : (n, d) float64
+    codewords : (k, d) float64
+
+    Returns
+    -------
+    (n,) int64
+
+    Examples
+    --------
+    ``0.5`` is equally far from ``0`` and ``1``; the lower index wins:
+
+    >>> import numpy as np
+    >>> from latkv.qet import nearest_codeword_reference
+    >>> nearest_codeword_reference(np.array([[0.1], [0.9], [0.5]]), np.array([[0.0], [1.0]]))
+    array([0, 1, 0])
     """
     distances = np.zeros((points.shape[0], codewords.shape[0]), dtype=np.float64)
     for j in range(points.shape[1]):
@@ -108,7 +172,29 @@ def nearest_codeword_reference(points: np.ndarray, codewords: np.ndarray) -> np.
 
 def cluster_sums_reference(points: np.ndarray, labels: np.ndarray,
                            k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums ``(k, d)`` (rows added in order) and counts ``(k,)``."""
+    """Per-cluster sums (rows added in order) and counts.
+
+    Parameters
+    ----------
+    points : (n, d) float64
+    labels : (n,) int64
+        In ``[0, k)``.
+    k : int
+
+    Returns
+    -------
+    sums : (k, d) float64
+    counts : (k,) int64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import cluster_sums_reference
+    >>> points = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    >>> sums, counts = cluster_sums_reference(points, np.array([0, 2, 0]), 3)
+    >>> sums.tolist(), counts.tolist()
+    ([[6.0, 8.0], [0.0, 0.0], [3.0, 4.0]], [2, 0, 1])
+    """
     sums = np.zeros((k, points.shape[1]), dtype=np.float64)
     np.add.at(sums, labels, points)
     return sums, np.bincount(labels, minlength=k).astype(np.int64)
@@ -124,14 +210,63 @@ def _kernels(backend: str) -> tuple[Any, Any]:
 
 def nearest_codeword(points: np.ndarray, codewords: np.ndarray, backend: str = "numpy"
                      ) -> np.ndarray:
-    """`nearest_codeword_reference` on ``backend`` (``"numpy"`` or ``"numba"``, bit-exact)."""
+    """`nearest_codeword_reference` on ``backend`` (``"numpy"`` or ``"numba"``, bit-exact).
+
+    Parameters
+    ----------
+    points : (n, d) float64
+    codewords : (k, d) float64
+    backend : {"numpy", "numba"}
+
+    Returns
+    -------
+    (n,) int64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import nearest_codeword
+    >>> points = np.array([[0.0, 0.0], [2.0, 2.0], [1.0, 1.0]])
+    >>> nearest_codeword(points, np.array([[2.0, 2.0], [0.0, 0.0]]))
+    array([1, 0, 0])
+    """
     return _kernels(backend)[0](points, codewords)
 
 
 def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator,
            backend: str = "numpy") -> np.ndarray:
-    """Lloyd's k-means from ``k`` distinct rows drawn by ``rng``; an empty cluster keeps its
-    centroid; stops early when no centroid moves. ``points : (n, d)`` float64 -> ``(k, d)``."""
+    """Lloyd's k-means from the rows at ``k`` distinct indices drawn by ``rng``.
+
+    An empty cluster keeps its centroid; stops early when no centroid moves. Deterministic
+    for the state of ``rng`` (one ``rng.choice`` call), and bit-identical on both backends.
+
+    Parameters
+    ----------
+    points : (n, d) float64
+    k : int
+        ``1 <= k <= n``.
+    iterations : int
+        At most this many Lloyd steps.
+    rng : numpy.random.Generator
+    backend : {"numpy", "numba"}
+        Where `nearest_codeword` and the cluster sums run.
+
+    Returns
+    -------
+    (k, d) float64
+        The centroids.
+
+    Examples
+    --------
+    Two clusters far apart: from any two starting rows, the centroids end at their means:
+
+    >>> import numpy as np
+    >>> from latkv.qet import kmeans
+    >>> points = np.array([[0.0], [1.0], [10.0], [11.0]])
+    >>> centroids = kmeans(points, 2, 10, np.random.default_rng(0))
+    >>> centroids.shape, sorted(centroids[:, 0].tolist())
+    ((2, 1), [0.5, 10.5])
+    """
     nearest, sums_of = _kernels(backend)
     centroids = points[rng.choice(points.shape[0], size=k, replace=False)].copy()
     for _ in range(iterations):
@@ -150,18 +285,82 @@ def kmeans(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator
 
 
 def code_bits(codewords: int) -> int:
-    """Bits of one code: ``ceil(log2 K)``, at least 1."""
+    """Bits of one code: ``ceil(log2 K)``, at least 1.
+
+    Parameters
+    ----------
+    codewords : int
+        ``K >= 1``.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from latkv.qet import code_bits
+    >>> [code_bits(k) for k in (1, 2, 3, 4, 5, 256, 257)]
+    [1, 1, 2, 2, 3, 8, 9]
+    """
     return max(1, (codewords - 1).bit_length())
 
 
 def wide_bytes(count: int, bits: int) -> int:
-    """Bytes of ``count`` values of ``bits <= 16`` bits: a low and a high packed array."""
+    """Bytes of ``count`` values of ``bits <= 16`` bits: a low and a high packed array.
+
+    ``packed_length(count, min(bits, 8))`` plus ``packed_length(count, bits - 8)`` when
+    ``bits > 8`` (`pack_wide`'s arrays).
+
+    Parameters
+    ----------
+    count : int
+    bits : int
+        ``1 .. 16``.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    Ten 12-bit values: 10 bytes of low bytes and 5 of high nibbles:
+
+    >>> from latkv.qet import wide_bytes
+    >>> wide_bytes(10, 12), wide_bytes(10, 3)
+    (15, 4)
+    """
     size = packed_length(count, min(bits, 8))
     return size + (packed_length(count, bits - 8) if bits > 8 else 0)
 
 
 def wide_layout(name: str, lead: tuple[int, ...], count: int,
                 bits: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of `pack_wide` for ``count`` values per leading index.
+
+    Parameters
+    ----------
+    name : str
+        The arrays are ``{name}_low`` and, when ``bits > 8``, ``{name}_high``.
+    lead : tuple of int
+        Leading shape (heads, blocks).
+    count : int
+        Values per leading index.
+    bits : int
+        ``1 .. 16``.
+
+    Returns
+    -------
+    dict
+        ``{array name: (shape, "uint8")}``; the shapes are ``(*lead, packed length)``.
+
+    Examples
+    --------
+    >>> from latkv.qet import wide_layout
+    >>> wide_layout("codes", (2,), 10, 12)
+    {'codes_low': ((2, 10), 'uint8'), 'codes_high': ((2, 5), 'uint8')}
+    >>> wide_layout("codes", (2,), 10, 3)
+    {'codes_low': ((2, 4), 'uint8')}
+    """
     layout = {f"{name}_low": ((*lead, packed_length(count, min(bits, 8))), "uint8")}
     if bits > 8:
         layout[f"{name}_high"] = ((*lead, packed_length(count, bits - 8)), "uint8")
@@ -169,8 +368,34 @@ def wide_layout(name: str, lead: tuple[int, ...], count: int,
 
 
 def pack_wide(name: str, values: np.ndarray, bits: int) -> dict[str, np.ndarray]:
-    """``values`` (unsigned, below ``2^bits``, ``bits <= 16``) as `wide_layout`'s arrays:
-    the low 8 bits (or all of them) packed at ``min(bits, 8)``, the rest at ``bits - 8``."""
+    """``values`` as `wide_layout`'s arrays: the low 8 bits (or all of them) packed at
+    ``min(bits, 8)`` bits, the rest at ``bits - 8``.
+
+    Parameters
+    ----------
+    name : str
+        Prefix of the array names.
+    values : (...) unsigned integer
+        Below ``2^bits``; packed flat, in C order.
+    bits : int
+        ``1 .. 16``.
+
+    Returns
+    -------
+    dict of str to (packed length,) uint8
+        ``{name}_low`` and, when ``bits > 8``, ``{name}_high``; `wide_bytes` bytes in all.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import pack_wide, unpack_wide, wide_bytes
+    >>> values = np.random.default_rng(0).integers(0, 4096, size=10)
+    >>> arrays = pack_wide("codes", values, 12)
+    >>> {k: v.shape for k, v in arrays.items()}, wide_bytes(10, 12)
+    ({'codes_low': (10,), 'codes_high': (5,)}, 15)
+    >>> bool(np.array_equal(unpack_wide(arrays, "codes", 12, 10), values))
+    True
+    """
     values = values.reshape(-1).astype(np.uint16)
     arrays = {f"{name}_low": pack_bits((values & 0xFF).astype(np.uint8), min(bits, 8),
                                        backend="numpy", check=False)}
@@ -181,7 +406,30 @@ def pack_wide(name: str, values: np.ndarray, bits: int) -> dict[str, np.ndarray]
 
 
 def unpack_wide(arrays: dict[str, np.ndarray], name: str, bits: int, count: int) -> np.ndarray:
-    """The inverse of `pack_wide`: ``(count,)`` uint16."""
+    """The inverse of `pack_wide`.
+
+    Parameters
+    ----------
+    arrays : dict of str to uint8 ndarray
+        Holding ``{name}_low`` (and ``{name}_high`` when ``bits > 8``); other keys ignored.
+    name : str
+    bits : int
+        ``1 .. 16``, as packed.
+    count : int
+        Number of values.
+
+    Returns
+    -------
+    (count,) uint16
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import pack_wide, unpack_wide
+    >>> values = np.array([0, 1, 511, 65535])
+    >>> unpack_wide(pack_wide("v", values, 16), "v", 16, 4)
+    array([    0,     1,   511, 65535], dtype=uint16)
+    """
     values = unpack_bits(arrays[f"{name}_low"], min(bits, 8), count,
                          backend="numpy").astype(np.uint16)
     if bits > 8:
@@ -191,7 +439,33 @@ def unpack_wide(arrays: dict[str, np.ndarray], name: str, bits: int, count: int)
 
 
 def stage_bits(rows: int, dim: int, subspaces: int, codewords: int, codebook_bits: int) -> int:
-    """Exact bits of one product-quantizer stage of a block (codebook, grid, codes)."""
+    """Exact bits of one product-quantizer stage of a block (codebook, grid, codes).
+
+    ``8 (wide_bytes(K dim, codebook_bits) + 8 + wide_bytes(rows subspaces, code_bits(K)))``:
+    the quantized codebook, its float32 minimum and step, and one code per row and group.
+
+    Parameters
+    ----------
+    rows : int
+    dim : int
+    subspaces : int
+    codewords : int
+        ``K``.
+    codebook_bits : int
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    128 rows of dim 64, 4 groups of 16 codewords at 10 bits: ``16 * 64`` elements of
+    ``1 + 1/4`` bytes, 8 grid bytes, ``128 * 4`` codes of 4 bits:
+
+    >>> from latkv.qet import stage_bits
+    >>> stage_bits(128, 64, 4, 16, 10) == 8 * (16 * 64 * 5 // 4 + 8 + 128 * 4 // 2)
+    True
+    """
     return 8 * (wide_bytes(codewords * dim, codebook_bits) + GRID_BYTES
                 + wide_bytes(rows * subspaces, code_bits(codewords)))
 
@@ -199,7 +473,29 @@ def stage_bits(rows: int, dim: int, subspaces: int, codewords: int, codebook_bit
 def choose_codewords(budget: float, rows: int, dim: int, subspaces: int,
                      codebook_bits: int) -> int:
     """The largest ``K <= min(rows, 2^16)`` whose stage fits ``budget`` bits (1 if none);
-    the stage's size never falls as ``K`` grows, so a bisection finds it."""
+    the stage's size never falls as ``K`` grows, so a bisection finds it.
+
+    Parameters
+    ----------
+    budget : float
+        Bits (`stage_bits`).
+    rows, dim, subspaces, codebook_bits : int
+        As for `stage_bits`.
+
+    Returns
+    -------
+    int
+        ``K``.
+
+    Examples
+    --------
+    >>> from latkv.qet import choose_codewords, stage_bits
+    >>> k = choose_codewords(20000, 128, 64, 4, 10)
+    >>> stage_bits(128, 64, 4, k, 10) <= 20000 < stage_bits(128, 64, 4, k + 1, 10)
+    True
+    >>> choose_codewords(10, 128, 64, 4, 10)  # nothing fits
+    1
+    """
     low, high = 1, min(rows, MAX_CODEWORDS)
     while low < high:
         middle = (low + high + 1) // 2
@@ -215,7 +511,34 @@ def choose_codewords(budget: float, rows: int, dim: int, subspaces: int,
 
 def quantize_codebook(codebook: np.ndarray, bits: int) -> tuple[np.ndarray, np.float32,
                                                                  np.float32]:
-    """Min-max grid of ``2^bits`` levels over the whole codebook: (levels, minimum, step)."""
+    """Min-max grid of ``2^bits`` levels over the whole codebook.
+
+    ``step = (max - min) / (2^bits - 1)`` in float32 (1 if the codebook is constant) and
+    ``levels = clip(rint((codebook - min) / step), 0, 2^bits - 1)``.
+
+    Parameters
+    ----------
+    codebook : (...) float
+    bits : int
+        ``1 .. 16``.
+
+    Returns
+    -------
+    levels : (...) uint16
+        The shape of ``codebook``.
+    minimum : numpy.float32
+    step : numpy.float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import codebook_values, quantize_codebook
+    >>> levels, minimum, step = quantize_codebook(np.array([[-1.0, 0.0, 2.0]]), 2)
+    >>> levels, float(minimum), float(step)
+    (array([[0, 1, 3]], dtype=uint16), -1.0, 1.0)
+    >>> codebook_values(levels, minimum, step)
+    array([[-1.,  0.,  2.]], dtype=float32)
+    """
     minimum = np.float32(codebook.min())
     step = np.float32((np.float32(codebook.max()) - minimum) / np.float32((1 << bits) - 1))
     if step == 0:
@@ -225,16 +548,72 @@ def quantize_codebook(codebook: np.ndarray, bits: int) -> tuple[np.ndarray, np.f
 
 
 def codebook_values(levels: np.ndarray, minimum: Any, step: Any) -> np.ndarray:
+    """The codebook of a min-max grid: ``levels * step + minimum`` in float32.
+
+    Parameters
+    ----------
+    levels : (...) uint16
+    minimum, step : float32 scalars
+        From `quantize_codebook`.
+
+    Returns
+    -------
+    (...) float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import codebook_values
+    >>> codebook_values(np.array([0, 1, 3], np.uint16), np.float32(-1), np.float32(0.5))
+    array([-1. , -0.5,  0.5], dtype=float32)
+    """
     return levels.astype(np.float32) * np.float32(step) + np.float32(minimum)
 
 
 def fit_stage(y: np.ndarray, subspaces: int, codewords: int, codebook_bits: int,
               iterations: int, rng: np.random.Generator, backend: str = "numpy"
               ) -> tuple[np.ndarray, np.ndarray, np.float32, np.float32]:
-    """Fit and apply one product quantizer to ``y : (rows, dim)`` float32.
+    """Fit and apply one product quantizer to ``y``.
 
-    Returns ``(codes (rows, subspaces), levels (subspaces, K, dim / subspaces), minimum,
-    step)``; the codes use the quantized codebook.
+    One `kmeans` codebook per group of ``dim / subspaces`` consecutive columns (all drawing
+    from ``rng`` in turn), one min-max grid over all of them (`quantize_codebook`), then the
+    nearest quantized codeword of every row and group.
+
+    Parameters
+    ----------
+    y : (rows, dim) float32
+        ``dim`` a multiple of ``subspaces``.
+    subspaces : int
+    codewords : int
+        ``K``, ``1 <= K <= rows``.
+    codebook_bits : int
+    iterations : int
+        Lloyd iterations.
+    rng : numpy.random.Generator
+    backend : {"numpy", "numba"}
+
+    Returns
+    -------
+    codes : (rows, subspaces) int64
+        Indices into the quantized codebook, below ``K``.
+    levels : (subspaces, K, dim / subspaces) uint16
+    minimum : numpy.float32
+    step : numpy.float32
+
+    Examples
+    --------
+    With ``K = rows`` every row starts as its own centroid, so each group's reconstruction
+    is within ``sqrt(width) step / 2`` of it (the grid's rounding):
+
+    >>> import numpy as np
+    >>> from latkv.qet import fit_stage, stage_reconstruction
+    >>> y = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    >>> codes, levels, minimum, step = fit_stage(y, 2, 6, 4, 5, np.random.default_rng(0))
+    >>> codes.shape, codes.dtype, levels.shape, levels.dtype
+    ((6, 2), dtype('int64'), (2, 6, 2), dtype('uint16'))
+    >>> error = y - stage_reconstruction(codes, levels, minimum, step)
+    >>> bool((np.linalg.norm(error.reshape(6, 2, 2), axis=-1) <= np.sqrt(2) * step / 2).all())
+    True
     """
     rows, dim = y.shape
     width = dim // subspaces
@@ -250,7 +629,29 @@ def fit_stage(y: np.ndarray, subspaces: int, codewords: int, codebook_bits: int,
 
 def stage_reconstruction(codes: np.ndarray, levels: np.ndarray, minimum: Any,
                          step: Any) -> np.ndarray:
-    """``(rows, dim)`` float32 from the codes and the quantized codebook."""
+    """The reconstruction of one stage: each group's quantized codeword, groups side by side.
+
+    Parameters
+    ----------
+    codes : (rows, subspaces) integer
+        Below ``K``.
+    levels : (subspaces, K, width) uint16
+    minimum, step : float32 scalars
+        The grid (`codebook_values`).
+
+    Returns
+    -------
+    (rows, subspaces width) float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from latkv.qet import stage_reconstruction
+    >>> levels = np.array([[[0], [2]], [[1], [3]]], np.uint16)  # 2 groups, K = 2, width 1
+    >>> stage_reconstruction(np.array([[1, 0], [0, 1]]), levels, np.float32(0), np.float32(1))
+    array([[2., 1.],
+           [0., 3.]], dtype=float32)
+    """
     values = codebook_values(levels, minimum, step)
     subspaces = values.shape[0]
     return np.concatenate([values[m][codes[:, m]] for m in range(subspaces)], axis=1)
@@ -285,6 +686,7 @@ class QET(Quantizer):
     iterations : int
         Lloyd iterations of k-means.
     seed : int
+        Seeds k-means' starting rows (one generator per head and block).
 
     Notes
     -----
@@ -301,6 +703,9 @@ class QET(Quantizer):
     >>> codes = qz.encode(x)
     >>> 8 * codes.nbytes / x.size <= 4
     True
+    >>> x_hat = qz.decode(codes)
+    >>> x_hat.shape, x_hat.dtype
+    ((2, 128, 64), dtype('float32'))
     """
 
     dim: int
