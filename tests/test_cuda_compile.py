@@ -1,7 +1,10 @@
 """Every CUDA source compiles with NVRTC for sm_80 and sm_90, every instantiation included.
 
 This needs no GPU and no driver (cuda-bindings + nvidia-cuda-nvrtc-cu12). CI installs both, so
-there the test must run: it is skipped only outside CI when they are absent.
+there the test must run: it is skipped only outside CI when they are absent. The same compile
+runs ``ptxas -v``, so the resources of every instantiation are checked too: static shared
+memory within the 48 KB a block gets without an opt-in (a kernel past it compiles but fails to
+launch), and no instantiation without its resource lines.
 """
 
 from __future__ import annotations
@@ -19,10 +22,32 @@ if not os.environ.get("CI"):
 @pytest.mark.parametrize("file_name", sorted(KERNELS))
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_source_compiles_to_cubin(file_name, arch):
-    from latkv._gpu.nvrtc import compile_cubin
+    from latkv._gpu.nvrtc import STATIC_SHARED_LIMIT, kernel_resources
 
-    cubin = compile_cubin(file_name, arch)
+    cubin, resources = kernel_resources(file_name, arch)
     assert cubin[:4] == b"\x7fELF"  # a cubin is an ELF image
+    assert set(resources) == set(KERNELS[file_name])
+    for name, used in resources.items():
+        assert 0 < used.registers <= 255, (name, used)
+        assert used.shared_bytes <= STATIC_SHARED_LIMIT, (name, used)
+
+
+def test_resource_lines_are_parsed():
+    from latkv._gpu.nvrtc import CompileError, KernelResources, _parse_resources
+
+    log = """ptxas info    : Compiling entry function '_Z1fILi1EEvv' for 'sm_90'
+ptxas info    : Function properties for _Z1fILi1EEvv
+ptxas         .     40 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 72 registers, used 1 barriers, 40 bytes cumulative stack size, 16384 bytes smem
+ptxas info    : Function properties for __internal_trig_reduction_slowpathd
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z1gv' for 'sm_90'
+ptxas info    : Used 30 registers, used 0 barriers"""
+    assert _parse_resources(log, {"f<1>": "_Z1fILi1EEvv", "g": "_Z1gv"}, "x.cu", "sm_90") == {
+        "f<1>": KernelResources(registers=72, shared_bytes=16384, stack_bytes=40, spill_bytes=8),
+        "g": KernelResources(registers=30, shared_bytes=0, stack_bytes=0, spill_bytes=0)}
+    with pytest.raises(CompileError, match="no ptxas resource lines for h"):
+        _parse_resources(log, {"h": "_Z1hv"}, "x.cu", "sm_90")
 
 
 def test_every_cu_file_is_listed():

@@ -29,6 +29,11 @@ THREADS_PER_BLOCK = 128
 TILE_ELEMENTS = 1024
 # Grid-stride loop over tiles in the kernel: the grid is capped at this many blocks.
 MAX_BLOCKS = 65535
+# Static shared memory a block may use on a device (without an opt-in), and so the longest
+# segment whose row fits the tile: 2**13 floats. The simulator has no such limit; a longer
+# segment would compile there and fail on a GPU, so the wrapper refuses it everywhere.
+STATIC_SHARED_LIMIT = 48 * 1024
+MAX_SEGMENT = 1 << ((STATIC_SHARED_LIMIT // 4).bit_length() - 1)
 
 _kernels: dict[int, Any] = {}
 
@@ -120,7 +125,7 @@ def hadamard_segment(x: Any, start: int, size: int, signs: Any, inverse: bool) -
     start : int
         First coordinate of the segment.
     size : int
-        Segment length, a power of two with ``start + size <= dim``.
+        Segment length, a power of two ``<= MAX_SEGMENT`` (2**13) with ``start + size <= dim``.
     signs : numpy.ndarray or cupy.ndarray, shape (size,), float32
         The ±1 diagonal of the stage (either array module).
     inverse : bool
@@ -152,6 +157,11 @@ def hadamard_segment(x: Any, start: int, size: int, signs: Any, inverse: bool) -
         )
     if tuple(signs.shape) != (size,):
         raise ValueError(f"signs must have shape ({size},), got {tuple(signs.shape)}")
+    if size > MAX_SEGMENT:
+        raise ValueError(
+            f"the numba.cuda kernel keeps a row of the segment in shared memory (at most "
+            f"{STATIC_SHARED_LIMIT // 1024} KB): segments up to {MAX_SEGMENT}, got size {size}"
+        )
     rows = x.size // dim
     if rows == 0:
         return cupy.empty_like(x) if on_gpu else np.empty_like(x)
