@@ -944,7 +944,10 @@ def section_gpu(out_dir: Path) -> list[str]:
     pages = sorted(out_dir.glob("gpu-*.md"))
     lines = ["## GPU", ""]
     if not pages:
-        return lines + ["No GPU figures have been measured yet.", ""]
+        return lines + ["No GPU figures have been measured yet: no session so far was lent a "
+                        "GPU. `benchmarks/gpu_speed.py` measures them and "
+                        "`benchmarks/GPU.md` says how to run it on a lent machine; its page "
+                        "then appears here.", ""]
     lines += [f"- [{page_title(page)}]({page.name})" for page in pages]
     return lines + [""]
 

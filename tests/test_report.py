@@ -174,7 +174,7 @@ def test_onnx_table_cell_is_the_ratio_of_the_measured_times(generated):
 
 def test_gpu_pages_beside_the_report_are_linked(report, tmp_path):
     results = report.load_results(RESULTS)
-    assert "No GPU figures have been measured yet." in report.build_report(
+    assert "No GPU figures have been measured yet" in report.build_report(
         results, tmp_path).markdown
     (tmp_path / "gpu-h100.md").write_text("# GPU: one H100\n\nfigures\n")
     markdown = report.build_report(results, tmp_path).markdown
