@@ -10,8 +10,10 @@ codebook, a sign sketch, ...). This base does what is the same for all of them:
    prefill energy, encoded by the outlier stage, and the other ``dim - r``, encoded by the main
    stage, the indices stored once per head;
 3. the exact size: per-vector stage bytes plus the per-head side information (statistics,
-   indices) amortised over ``stats_tokens`` tokens (exact for one prefill-length sequence, or
-   per block with ``local_stats``; ``encoded_nbytes(shape)`` is exact for any shape);
+   indices) amortised over ``stats_tokens`` tokens: ``code_size`` is exact for a sequence of
+   ``stats_tokens`` tokens, and ``encoded_nbytes(shape)`` for any shape (with ``local_stats``
+   every block of ``stats_tokens`` stores its own statistics, the outlier indices still once
+   per head, so longer sequences store less than ``code_size`` per token);
 4. ``scores`` from the stages' own ``scores`` on the transformed query (``q * scale``, plus
    ``<q, mean>``), so no key is decoded.
 
@@ -103,7 +105,8 @@ class ChannelSplitQuantizer(Quantizer):
 
     @property
     def side_bytes(self) -> int:
-        """Bytes per head (per block with ``local_stats``) of statistics and outlier indices."""
+        """Bytes per head of statistics and outlier indices (with ``local_stats`` the
+        statistics repeat per block of ``stats_tokens``, the indices do not)."""
         return (self.channel_transform.block_bytes()
                 + self.outlier_count * np.dtype(self.index_dtype).itemsize)
 

@@ -634,8 +634,9 @@ class E8Stage:
 
     def _steps(self, sigma: np.ndarray, j: int) -> np.ndarray:
         factor = math.sqrt(2 * math.pi * math.e) * 2.0 ** (-self.bits + j / STEP_LADDER)
-        return np.maximum((sigma * factor).astype(np.float16).astype(np.float32),
-                          np.float32(SMALLEST_SCALE))
+        with np.errstate(over="ignore"):    # a step past float16 is inf: refused by the caller
+            steps = (sigma * factor).astype(np.float16)
+        return np.maximum(steps.astype(np.float32), np.float32(SMALLEST_SCALE))
 
     def _points(self, heads: np.ndarray, steps: np.ndarray, backend: str) -> np.ndarray | None:
         """E8 points ``(g, 8)`` of ``heads : (h, t, dim)`` at the steps, None if too fine."""
@@ -685,6 +686,13 @@ class E8Stage:
                 low = middle
         j = high
         while True:
+            if not np.isfinite(self._steps(sigma, j)).all():
+                # a step past float16 scales the points to 0: tiny streams that decode to
+                # nothing (the codes would be refused at decode); refuse the input instead
+                raise ValueError(
+                    f"x is too large for the entropy code's float16 step: a head's RMS "
+                    f"({float(sigma.max()):.4g}) needs a step above {LARGEST_SCALE:g} at "
+                    f"{self.bits} bits; scale the input down")
             result = attempt(j)
             if result is None:
                 raise ValueError("x has values too far above its heads' RMS for the entropy "

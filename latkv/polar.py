@@ -183,7 +183,7 @@ class PolarStage:
         arrays = {f"level{level}": codes.reshape(*lead, codes.shape[-1])
                   for level, codes in enumerate(packed, start=1)}
         arrays["radius"] = to_norm_dtype(radius.reshape(*lead, -1), self.radius_dtype,
-                                         "block radius")
+                                         "block radius", option="radius_dtype")
         return arrays
 
     def rotated_estimate(self, arrays: dict[str, Any], backend: str) -> Any:

@@ -72,11 +72,15 @@ def vector_norms(y: Any) -> Any:
     return xp.sqrt((y64 * y64).sum(axis=-1))
 
 
-def to_norm_dtype(norms: Any, dtype: str, name: str = "norm") -> Any:
-    """Round float64 norms to the stored dtype; refuse what float16 cannot hold."""
+def to_norm_dtype(norms: Any, dtype: str, name: str = "norm",
+                  option: str | None = "norm_dtype") -> Any:
+    """Round float64 norms to the stored dtype; refuse what float16 cannot hold.
+
+    ``option`` names the quantizer's parameter that stores them in float32 (None where it has
+    none), for the error message."""
     if dtype == "float16" and bool((norms > np.finfo(np.float16).max).any()):
-        raise ValueError(f"a vector {name} exceeds the float16 range (65504); use "
-                         "norm_dtype='float32' or scale the input")
+        remedy = f"use {option}='float32' or scale the input" if option else "scale the input"
+        raise ValueError(f"a vector {name} exceeds the float16 range (65504); {remedy}")
     return norms.astype(dtype)
 
 

@@ -199,12 +199,12 @@ class TurboStage:
             else:
                 numerator, denominator = dot, (u_hat64 * u_hat64).sum(-1)
             factor = norm * numerator / xp.where(denominator > 0, denominator, 1)
-        arrays["norm"] = to_norm_dtype(factor, "float16")
+        arrays["norm"] = to_norm_dtype(factor, "float16", option=None)
         if self.mode == "prod":
             residual = u - u_hat                                   # Algorithm 2, line 6
             arrays["signs"] = sign_bits(residual, self._device(self.sketch, xp))
             arrays["residual_norm"] = to_norm_dtype(vector_norms(residual), "float16",
-                                                    "residual norm")
+                                                    "residual norm", option=None)
         return arrays
 
     def rotated_estimate(self, arrays: dict[str, Any], backend: str) -> Any:
@@ -267,7 +267,7 @@ class TurboQuant(ChannelSplitQuantizer):
     outlier_channels : int
         ``r``: channels of largest prefill energy encoded at ``outlier_bits`` (0: none).
     outlier_bits : int, optional
-        Bits of the outlier stage; by default ``bits + 1``.
+        Bits of the outlier stage; by default ``min(bits + 1, 8)``.
     scale : {"none", "eden", "eden-mse"}
         Per-vector factor stored in the norm's place (mse mode only).
     rotation : {"hadamard", "dense"}

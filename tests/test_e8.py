@@ -183,6 +183,19 @@ def test_entropy_streams_decode_exactly_to_the_nearest_lattice_points():
     assert np.array_equal(estimate.reshape(-1, 8), points * np.repeat(step, 64 * 4)[:, None])
 
 
+def test_entropy_code_refuses_heads_whose_step_passes_float16():
+    """At 3 bits the step is about 0.52 x RMS (rung 0): an RMS of 2e5 needs a step past
+    65504. Before the check, the step became inf, every point 0, and the codes (a few bytes)
+    were refused only at decode. An RMS of 1e3 still encodes and round-trips."""
+    x = gaussian((2, 64, 64), seed=11)
+    qz = latkv.E8Quant(dim=64, bits=3, entropy=True)
+    decoded = qz.decode(qz.encode(1e3 * x))
+    assert np.all(np.isfinite(decoded))
+    assert np.linalg.norm(decoded - 1e3 * x) < 0.2 * np.linalg.norm(1e3 * x)
+    with pytest.raises(ValueError, match="float16 step"):
+        qz.encode(2e5 * x)
+
+
 def test_entropy_codes_refuse_corruption():
     x = gaussian((2, 64, 32), seed=8)
     qz = latkv.E8Quant(dim=32, bits=2, entropy=True)

@@ -125,5 +125,5 @@ def test_bad_arguments():
         latkv.PolarQuant(dim=64, level_bits=(4, 2, 2, 9))
     with pytest.raises(ValueError, match="levels"):
         latkv.PolarQuant(dim=512, levels=9)
-    with pytest.raises(ValueError, match="float16 range"):
+    with pytest.raises(ValueError, match="float16 range \\(65504\\); use radius_dtype=.float32."):
         latkv.PolarQuant(dim=16).encode(np.full((2, 16), 3e4, np.float32))

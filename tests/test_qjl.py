@@ -124,7 +124,7 @@ def test_bad_arguments_and_inputs():
     qz = latkv.QJL(dim=8, sketch_dim=16, outliers=2)
     with pytest.raises(ValueError, match="at least 2 axes"):
         qz.encode(np.ones(8, np.float32))
-    with pytest.raises(ValueError, match="float16 range"):
+    with pytest.raises(ValueError, match="float16 range \\(65504\\); use norm_dtype=.float32."):
         latkv.QJL(dim=8).encode(np.full((2, 8), 3e4, np.float32))
     assert latkv.QJL(dim=8, norm_dtype="float32").encode(np.full((2, 8), 3e4)).nbytes > 0
     codes = qz.encode(np.random.default_rng(0).standard_normal((4, 8)))

@@ -9,8 +9,10 @@ four (TurboQuant-prod), ``LatkvCompressedAttention2x3`` reads two key arrays and
 arrays. Attributes: ``spec`` (the quantizer's canonical spec string, i.e. every parameter),
 ``latkv_format`` (`FORMAT_VERSION`), and for attention ``value_spec`` and ``scale``.
 
-Every method and configuration has a custom graph, entropy-coded E8 and QET included; the ops
-run latkv's CPU path (numba) inside onnxruntime, on the CPU, whatever the execution provider.
+Every method and configuration has a custom graph, entropy-coded E8 included, except QET
+(its arrays change with the token count, which a graph with dynamic axes cannot follow); the
+ops run latkv's NumPy reference (`BACKEND`) inside onnxruntime, on the CPU, whatever the
+execution provider.
 """
 
 from __future__ import annotations
