@@ -675,23 +675,37 @@ def _bind(session: Any, feeds: dict[str, Any], platform: Platform) -> Any:
 # ---------------------------------------------------------------- report
 
 
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Cells (group, entry, median ms, spread, GB/s, of copy) of one group's entries, ratios
+    and targets, for the terminal table and the docs page alike."""
+    rows = []
+    group = result["name"]
+    for name, record in result["entries"].items():
+        if record.get("status") != "timed":
+            rows.append((group, name, f"{record['status'].upper()}: "
+                         f"{record.get('reason', '')[:60]}", "", "", ""))
+            continue
+        fraction = record.get("fraction_of_copy_bandwidth")
+        rows.append((group, name, f"{record['median_s'] * 1e3:.3f}", f"{record['spread']:.2f}",
+                     f"{record['bandwidth_gb_s']:.1f}",
+                     "" if fraction is None else f"{fraction:.2f}"))
+    for ratio, value in result.get("ratios", {}).items():
+        rows.append((group, f"ratio {ratio}", f"{value['median']:.3f} "
+                     f"[{value['min']:.3f}, {value['max']:.3f}]", "", "", ""))
+    for what, value in result.get("targets", {}).items():
+        rows.append((group, f"target: {what} {value['kind']} {value['bound']}",
+                     f"{value['value']:.3f}", "met" if value["met"] else "MISSED", "", ""))
+    return rows
+
+
+HEADER = ("group", "entry", "median ms", "spread", "GB/s", "of copy")
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'group':44s} {'entry':22s} {'median ms':>10s} {'spread':>7s} {'GB/s':>8s} "
-             f"{'of copy':>8s}"]
-    for result in results:
-        for name, record in result["entries"].items():
-            if record.get("status") != "timed":
-                lines.append(f"{result['name']:44s} {name:22s} {record['status'].upper()}: "
-                             f"{record.get('reason', '')[:60]}")
-                continue
-            fraction = record.get("fraction_of_copy_bandwidth")
-            lines.append(f"{result['name']:44s} {name:22s} {record['median_s'] * 1e3:10.3f} "
-                         f"{record['spread']:7.2f} {record['bandwidth_gb_s']:8.1f} "
-                         f"{'' if fraction is None else f'{fraction:8.2f}'}")
-        for ratio, value in result.get("ratios", {}).items():
-            lines.append(f"{'':44s} {ratio:40s} {value['median']:.3f} "
-                         f"[{value['min']:.3f}, {value['max']:.3f}]")
-    return "\n".join(lines)
+    rows = [HEADER] + [row for result in results for row in table_rows(result)]
+    widths = (44, 46, 24, 7, 8, 7)
+    return "\n".join(" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -705,36 +719,22 @@ def markdown(document: dict[str, Any]) -> str:
            "", "```bash", settings["command"], "```", "",
            "Every entry was checked before it was timed (codes bit-identical to the NumPy "
            "reference, values within float32 rounding, attention against float64); "
-           "`fraction of copy` is (bytes read + written) / time over an in-run "
-           "device-to-device copy's. Targets are issue 12's.", ""]
+           "`of copy` is (bytes read + written) / time over an in-run device-to-device "
+           "copy's. Targets are issue 12's.", ""]
     for section in ("codec", "attention", "onnx"):
         results = [r for r in document["results"] if r["section"] == section]
         if not results:
             if section in document.get("skipped", {}):
                 out += [f"## {section}", "", f"Not run: {document['skipped'][section]}", ""]
             continue
-        out += [f"## {section}", "", "| group | entry | median ms | spread | GB/s | of copy |",
+        out += [f"## {section}", "", "| " + " | ".join(HEADER) + " |",
                 "|---|---|---:|---:|---:|---:|"]
-        notes = []
-        for result in results:
-            for name, record in result["entries"].items():
-                if record.get("status") != "timed":
-                    out.append(f"| {result['name']} | {name} | {record['status']} | | | |")
-                    notes.append(f"- {result['name']} / {name}: {record.get('reason', '')}")
-                    continue
-                fraction = record.get("fraction_of_copy_bandwidth")
-                out.append(f"| {result['name']} | {name} | {record['median_s'] * 1e3:.3f} | "
-                           f"{record['spread']:.2f} | {record['bandwidth_gb_s']:.0f} | "
-                           f"{'' if fraction is None else f'{fraction:.2f}'} |")
-            for ratio, value in result.get("ratios", {}).items():
-                out.append(f"| {result['name']} | ratio {ratio} | {value['median']:.3f} "
-                           f"[{value['min']:.3f}, {value['max']:.3f}] | | | |")
-            for what, value in result.get("targets", {}).items():
-                out.append(f"| {result['name']} | target: {what} {value['kind']} "
-                           f"{value['bound']} | {value['value']:.3f} | "
-                           f"{'met' if value['met'] else 'MISSED'} | | |")
-        out.append("")
-        out += notes + ([""] if notes else [])
+        out += ["| " + " | ".join(row) + " |" for result in results
+                for row in table_rows(result)]
+        notes = [f"- {result['name']} / {name}: {record.get('reason', '')}"
+                 for result in results for name, record in result["entries"].items()
+                 if record.get("status") != "timed"]
+        out += [""] + notes + ([""] if notes else [])
     return "\n".join(out)
 
 
