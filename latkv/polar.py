@@ -22,6 +22,7 @@ differ between math libraries for an angle within one float64 rounding of a boun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,22 +40,60 @@ from latkv.rotations import RandomizedHadamard, RandomOrthogonal
 TWO_PI = 2 * np.pi
 
 
-def polar_angles(blocks: Any, levels: int) -> tuple[list[Any], Any]:
+#: an angle of NumPy's this close to a boundary (or NaN) is recomputed with the C library's
+#: ``atan2`` (`math.atan2`) before it is compared: NumPy's own ``arctan2`` is SIMD code on some
+#: CPUs (SVML on AVX-512) and can differ from the C library's by a rounding, which would move
+#: a code across a boundary on one machine and not on another. The numba kernel settles with
+#: the C library's ``atan2`` too, so the reference's codes are the same on every machine.
+SETTLE_MARGIN = 1e-9
+
+
+def polar_angles(blocks: Any, levels: int,
+                 boundaries: tuple[Any, ...] | None = None) -> tuple[list[Any], Any]:
     """The recursive polar transform of ``blocks : (..., 2^levels)`` (float64).
 
     Returns ``([theta, psi_2, ..., psi_levels], radius)``: level ``l`` holds
-    ``2^(levels - l)`` angles per block, ``radius : (...,)`` the block norm.
+    ``2^(levels - l)`` angles per block, ``radius : (...,)`` the block norm. With the
+    quantizer's ``boundaries`` (NumPy input), the angles within `SETTLE_MARGIN` of one are the
+    C library's (`settle_angles`).
     """
     xp = array_module(blocks)
+    settle = boundaries is not None and xp is np
     a, b = blocks[..., 0::2], blocks[..., 1::2]
     theta = xp.arctan2(b, a)                                       # level 1, Sec. 3.1
-    angles = [xp.where(theta < 0, theta + TWO_PI, theta)]
+    theta = xp.where(theta < 0, theta + TWO_PI, theta)
+    angles = [settle_angles(theta, boundaries[0], b, a, wrap=True) if settle else theta]
     squared = a * a + b * b
-    for _ in range(2, levels + 1):                                 # levels >= 2, Sec. 3.1
+    for level in range(2, levels + 1):                             # levels >= 2, Sec. 3.1
         first, second = squared[..., 0::2], squared[..., 1::2]
-        angles.append(xp.arctan2(xp.sqrt(second), xp.sqrt(first)))
+        y, x = xp.sqrt(second), xp.sqrt(first)
+        psi = xp.arctan2(y, x)
+        angles.append(settle_angles(psi, boundaries[level - 1], y, x) if settle else psi)
         squared = first + second
     return angles, xp.sqrt(squared[..., 0])
+
+
+def settle_angles(angle: np.ndarray, edges: np.ndarray, y: np.ndarray, x: np.ndarray,
+                  wrap: bool = False) -> np.ndarray:
+    """``angle`` with the entries within `SETTLE_MARGIN` of an edge (or NaN) replaced by
+    ``math.atan2(y, x)`` (plus ``2 pi`` where negative, with ``wrap``)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.size == 0:
+        return angle
+    position = np.searchsorted(edges, angle)
+    below = edges[np.maximum(position - 1, 0)]
+    above = edges[np.minimum(position, edges.size - 1)]
+    with np.errstate(invalid="ignore"):
+        near = ~((np.abs(angle - below) > SETTLE_MARGIN) & (np.abs(angle - above) > SETTLE_MARGIN))
+    if not near.any():
+        return angle
+    exact = np.array([math.atan2(v, u) for v, u in zip(y[near].tolist(), x[near].tolist())],
+                     dtype=np.float64)
+    if wrap:
+        exact = np.where(exact < 0, exact + TWO_PI, exact)
+    settled = angle.copy()
+    settled[near] = exact
+    return settled
 
 
 def polar_blocks(angles: list[Any], radius: Any) -> Any:
@@ -92,7 +131,7 @@ def polar_quantize_reference(rotated: Any, levels: int, level_bits: tuple[int, .
     xp = array_module(rotated)
     n = rotated.shape[0]
     blocks = rotated.astype(xp.float64).reshape(n, -1, 1 << levels)
-    angles, radius = polar_angles(blocks, levels)
+    angles, radius = polar_angles(blocks, levels, boundaries)
     packed = tuple(
         pack_bits(xp.searchsorted(edges, angle, side="left").astype(xp.uint8).reshape(n, -1),
                   bits, backend="numpy" if xp is np else None, check=False)
