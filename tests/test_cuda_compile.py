@@ -76,3 +76,15 @@ def test_a_missing_or_unlisted_source_is_a_compile_failure(monkeypatch, capsys):
     monkeypatch.setattr(nvrtc, "source_files", lambda: ["stray.cu"])
     assert nvrtc.main(["--arch", "sm_80"]) == 1
     assert "stray.cu: not listed" in capsys.readouterr().err
+
+
+def test_compiling_leaves_the_interpreters_shared_bytes_alone():
+    """NVRTC writes the cubin and the log into the buffers it is given. A log buffer made as
+    ``b" " * 1`` (an empty log is one NUL) was the interpreter's shared one-byte ``b" "``:
+    after one compile, ``" ".encode()`` was ``b"\\x00"`` for the whole process (the tokenizer's
+    doctest then encoded a space as byte 0)."""
+    from latkv._gpu.nvrtc import compile_cubin
+
+    compile_cubin("pack_bits.cu", "sm_80")      # without ptxas -v: an empty log
+    assert " ".encode() == bytes([32]) and b" " * 1 == bytes([32])
+    assert chr(32).encode("latin-1")[0] == 32

@@ -115,9 +115,9 @@ def _compile(file_name: str, arch: str,
             log = ""
             if program is not None:
                 _, size = nvrtc.nvrtcGetProgramLogSize(program)
-                buffer = b" " * size
+                buffer = bytearray(max(size, 1))
                 nvrtc.nvrtcGetProgramLog(program, buffer)
-                log = buffer.decode(errors="replace")
+                log = buffer.decode(errors="replace").rstrip("\x00")
             raise CompileError(f"{file_name} ({arch}): {what} failed: {status}\n{log}")
         return tuple(rest)
 
@@ -140,12 +140,15 @@ def _compile(file_name: str, arch: str,
                 raise CompileError(f"{file_name} ({arch}): {name} was not instantiated")
             lowered_names[name] = lowered.decode()
         (size,) = check(nvrtc.nvrtcGetCUBINSize(program), "cubin size")
-        cubin = b" " * size
+        # NVRTC writes into the buffers it is given: mutable ones. (``b" " * n`` is the
+        # interpreter's shared one-byte b" " itself for n = 1, the size of an empty log:
+        # writing the log's NUL into it made every later b" " in the process b"\x00".)
+        cubin = bytearray(size)
         check(nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
         (log_size,) = check(nvrtc.nvrtcGetProgramLogSize(program), "log size")
-        log = b" " * log_size
+        log = bytearray(max(log_size, 1))
         check(nvrtc.nvrtcGetProgramLog(program, log), "log")
-        return cubin, log.decode(errors="replace").rstrip("\x00 "), lowered_names
+        return bytes(cubin), log.decode(errors="replace").rstrip("\x00 "), lowered_names
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 
