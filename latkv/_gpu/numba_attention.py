@@ -51,6 +51,10 @@ MAX_THREADS = THREADS_PER_BLOCK
 MIN_THREADS = 32
 #: queries whose logits are held at once (in shared memory and per-thread local arrays)
 TILE_QUERIES = 8
+#: shared-memory floats per array of a tile: one module constant, since numba.cuda sizes a
+#: shared array only from a compile-time constant, not from an expression (the simulator
+#: accepts either; a device compile does not)
+TILE_ELEMENTS = TILE_QUERIES * MAX_THREADS
 
 
 def threads_for(block: int) -> int:
@@ -108,8 +112,8 @@ def _attention_kernel(q_key, key_packed, key_factor, key_centroids, key_offset, 
                       value_bits, scale):
     key_levels = cuda.shared.array(MAX_LEVELS, float32)
     value_levels = cuda.shared.array(MAX_LEVELS, float32)
-    logits = cuda.shared.array(TILE_QUERIES * MAX_THREADS, float32)   # then the weights
-    scratch = cuda.shared.array(TILE_QUERIES * MAX_THREADS, float32)
+    logits = cuda.shared.array(TILE_ELEMENTS, float32)   # then the weights
+    scratch = cuda.shared.array(TILE_ELEMENTS, float32)
     dots = cuda.local.array(TILE_QUERIES, float32)       # dot products, then value sums
     running = cuda.local.array(TILE_QUERIES, float32)    # the thread's maximum, then sum
     thread = cuda.threadIdx.x

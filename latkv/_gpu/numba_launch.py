@@ -58,8 +58,10 @@ class DeviceArrays:
 
             pointer = cupy.cuda.get_current_stream().ptr
             stream = cuda.external_stream(pointer) if pointer else cuda.default_stream()
+            # sync=False: the kernel runs on CuPy's current stream, after the work that made
+            # its inputs (sync=True would block the host on that stream for every array)
             kernel[blocks, threads, stream](
-                *(cuda.as_cuda_array(x) for x in inputs + outputs), *scalars)
+                *(cuda.as_cuda_array(x, sync=False) for x in inputs + outputs), *scalars)
             return
         device_outputs = tuple(cuda.device_array(out.shape, dtype=out.dtype) for out in outputs)
         kernel[blocks, threads](
