@@ -88,3 +88,19 @@ def test_compiling_leaves_the_interpreters_shared_bytes_alone():
     compile_cubin("pack_bits.cu", "sm_80")      # without ptxas -v: an empty log
     assert " ".encode() == bytes([32]) and b" " * 1 == bytes([32])
     assert chr(32).encode("latin-1")[0] == 32
+
+
+def test_sources_are_found_in_a_checkout_that_was_not_installed(monkeypatch):
+    """Without the installed package ``latkv.cuda_kernels`` (``PYTHONPATH=.`` on a lent GPU
+    machine), the sources are read from the checkout's ``cuda_kernels/`` folder."""
+    from latkv._gpu import cuda_sources
+
+    installed = cuda_sources.source("voronoi.cu")
+
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(cuda_sources.resources, "files", not_installed)
+    assert cuda_sources.kernel_directory().name == "cuda_kernels"
+    assert cuda_sources.source("voronoi.cu") == installed
+    assert cuda_sources.source_files() == sorted(KERNELS)

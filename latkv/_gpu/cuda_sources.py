@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 # Largest Hadamard length the kernels instantiate: 2**MAX_LOG_SIZE.
 MAX_LOG_SIZE = 10
@@ -55,8 +57,22 @@ COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cu)"[ \t]*$', re.MULTILINE)
 
 
+def kernel_directory() -> Any:
+    """Where the ``.cu`` files are: the installed package ``latkv.cuda_kernels`` (the
+    ``cuda_kernels/`` folder of the checkout, mapped by pyproject.toml), or that folder itself
+    when latkv runs from a checkout that was not installed (``PYTHONPATH=.``, as on a lent
+    GPU machine)."""
+    try:
+        return resources.files("latkv.cuda_kernels")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[2] / "cuda_kernels"
+        if not folder.is_dir():
+            raise
+        return folder
+
+
 def _read(file_name: str) -> str:
-    return resources.files("latkv.cuda_kernels").joinpath(file_name).read_text()
+    return kernel_directory().joinpath(file_name).read_text()
 
 
 def _expand(file_name: str, included: set[str]) -> str:
@@ -72,7 +88,7 @@ def _expand(file_name: str, included: set[str]) -> str:
 
 
 def source(file_name: str) -> str:
-    """The text of ``cuda_kernels/<file_name>``, read from the installed package, with its
+    """The text of ``cuda_kernels/<file_name>`` (`kernel_directory`), with its
     ``#include "other.cu"`` lines replaced by those files' texts."""
     if file_name not in KERNELS:
         raise ValueError(f"unknown CUDA source {file_name!r}; known: {sorted(KERNELS)}")
@@ -81,5 +97,4 @@ def source(file_name: str) -> str:
 
 def source_files() -> list[str]:
     """Names of the ``.cu`` files shipped in ``cuda_kernels/``."""
-    return sorted(p.name for p in resources.files("latkv.cuda_kernels").iterdir()
-                  if p.name.endswith(".cu"))
+    return sorted(p.name for p in kernel_directory().iterdir() if p.name.endswith(".cu"))
