@@ -158,3 +158,39 @@ def test_dry_run_binds_onnxruntime_inputs_by_pointer_and_checks_them(tmp_path):
         record = result["entries"]["onnxruntime"]
         assert record["status"] == "timed" and record["check"], result["name"]
         assert "onnxruntime/latkv" in result["ratios"]
+
+
+def test_a_group_that_cannot_be_built_is_recorded_in_its_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_speed, "CODEC_SPECS", ("nosuch:4",))
+    monkeypatch.setattr(gpu_speed, "PACK_BITS", ())
+    out = tmp_path / "x.json"
+    assert gpu_speed.main(["--cpu", "--rows", "64", "--rounds", "1", "--only", "codec",
+                           "--out", str(out)]) == 1
+    results = json.loads(out.read_text())["results"]
+    assert [(r["section"], r["name"]) for r in results] == [
+        ("codec", "randomized_hadamard[dim=128]"), ("codec", "encode[nosuch:4]"),
+        ("codec", "decode[nosuch:4]")]
+    assert results[1]["entries"]["build"]["status"] == "failed"
+    assert "nosuch" in results[1]["entries"]["build"]["reason"]
+
+
+def test_the_host_gemm_is_cublas_column_major_strided_batched():
+    """The dry run's stand-in for cublasGemmStridedBatchedEx: column-major matrices at
+    strides in flat buffers, A optionally transposed (so the baseline's layout arguments are
+    checked without a GPU)."""
+    rng = np.random.default_rng(3)
+    platform = gpu_speed.cpu_platform()
+    count, m, n, k = 3, 5, 2, 4
+    a = rng.standard_normal((count, m, k)).astype(np.float16)   # row-major (m, k) = col-major
+    b = rng.standard_normal((count, n, k)).astype(np.float16)   # (k, m) and (k, n), ld k
+    c = np.full((count, n, m), np.nan, np.float32)              # col-major (m, n), ld m
+    gpu_speed.gemm_strided_batched(platform, True, m, n, k, a, k, m * k, b, k, n * k, c, m,
+                                   n * m, count)
+    expected = np.einsum("imk,ink->inm", a.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(c, expected, rtol=1e-6)
+    # not transposed: A col-major (m, k) with ld m is row-major (k, m)
+    a2 = rng.standard_normal((count, k, m)).astype(np.float16)
+    gpu_speed.gemm_strided_batched(platform, False, m, n, k, a2, m, m * k, b, k, n * k, c, m,
+                                   n * m, count)
+    np.testing.assert_allclose(c, np.einsum("ikm,ink->inm", a2.astype(np.float64),
+                                            b.astype(np.float64)), rtol=1e-6)
