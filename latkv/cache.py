@@ -355,7 +355,10 @@ class KVCache:
         self.key_blocks.extend(key_codes)
         self.value_blocks.extend(value_codes)
         moved = due * self.block
-        self._keys, self._values = keys[:, :, moved:], values[:, :, moved:]
+        if moved:   # a copy: a view would keep every compressed token's float16 alive
+            keys = xp.ascontiguousarray(keys[:, :, moved:])
+            values = xp.ascontiguousarray(values[:, :, moved:])
+        self._keys, self._values = keys, values
         self._length = length
 
     # -- attention ---------------------------------------------------------------------------

@@ -92,6 +92,23 @@ def test_nbytes_counts_codes_and_window(kv):
     assert cache.nbytes == codes + 2 * (2 * 2 * 22 * 32 * 2)    # 22 exact tokens, K and V
 
 
+def test_the_window_does_not_keep_compressed_tokens_alive():
+    """After a prefill of 1024 tokens with residual 128, the float16 window owns 128 tokens'
+    memory, not the whole prefill's (a view of the prefill would hold 8x what `nbytes`
+    counts, defeating the compression)."""
+    rng = np.random.default_rng(4)
+    cache = latkv.KVCache(latkv.TurboQuant(dim=32, bits=4), latkv.TurboQuant(dim=32, bits=4),
+                          residual=128, block=128)
+    k = rng.standard_normal((1, 2, 1024, 32)).astype(np.float16)
+    cache.append(k, k)
+    for array in cache.window:
+        root = array
+        while root.base is not None:
+            root = root.base
+        assert array.shape[2] == 128 and root.nbytes == array.nbytes
+    assert not np.shares_memory(cache.window[0], k)
+
+
 def test_bad_inputs_are_refused(kv):
     k, v, _ = kv
     cache = make()
