@@ -66,7 +66,8 @@ def unpack_bits_reference(packed: Any, bits: int, n: int) -> Any:
     """NumPy/CuPy reference of `unpack_bits`: ``unpackbits``, then sum the bit plane."""
     xp = array_module(packed)
     *lead, _ = packed.shape
-    plane = xp.unpackbits(packed, axis=-1, count=n * bits, bitorder="little")
+    # the padding bits sliced off (CuPy's unpackbits has no ``count``)
+    plane = xp.unpackbits(packed, axis=-1, bitorder="little")[..., :n * bits]
     plane = plane.reshape(*lead, n, bits)
     weights = (xp.uint8(1) << xp.arange(bits, dtype=xp.uint8)).astype(xp.uint8)
     return (plane * weights).sum(axis=-1, dtype=xp.uint8)
