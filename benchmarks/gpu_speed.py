@@ -559,6 +559,14 @@ def attention_groups(platform: Platform, tokens_list: tuple[int, ...],
         for tokens in tokens_list for batch in batches]
 
 
+def first_batch(codes: latkv.Codes) -> latkv.Codes:
+    """The codes of batch entry 0 of ``(batch, heads, tokens, dim)`` TurboQuant codes (every
+    array has the batch axis first), to decode in float32: `decode` returns the codes' dtype,
+    float16 here, whose rounding (2**-11 relative) would dominate the comparison."""
+    return dataclasses.replace(codes, shape=(1, *codes.shape[1:]), dtype="float32",
+                               arrays={name: array[:1] for name, array in codes.arrays.items()})
+
+
 def attention_group(platform: Platform, tokens: int, batch: int, seed: int) -> Group:
     xp = platform.xp
     rng = xp.random.default_rng(seed + tokens + batch) if platform.on_gpu else \
@@ -621,12 +629,8 @@ def attention_group(platform: Platform, tokens: int, batch: int, seed: int) -> G
                             "fp16_kv_bytes": kv_bytes, "rotated_copies": copies}
     for label, cache in first["caches"].items():
         key_whole, value_whole = cache.key_blocks.whole(), cache.value_blocks.whole()
-        # decoded in float32 (decode returns the codes' dtype, float16 here: its rounding,
-        # 2**-11 relative, would dominate the comparison)
-        decoded_keys = platform.host(cache.key_quantizer.decode(
-            dataclasses.replace(key_whole, dtype="float32"))[0])
-        decoded_values = platform.host(cache.value_quantizer.decode(
-            dataclasses.replace(value_whole, dtype="float32"))[0])
+        decoded_keys = platform.host(cache.key_quantizer.decode(first_batch(key_whole))[0])
+        decoded_values = platform.host(cache.value_quantizer.decode(first_batch(value_whole))[0])
         reference = reference_of(decoded_keys, decoded_values)
         code_bytes = cache.key_blocks.nbytes + cache.value_blocks.nbytes
         info[f"{label}_code_bytes"] = code_bytes
