@@ -684,6 +684,7 @@ def onnx_groups(platform: Platform, tokens: int, seed: int) -> tuple[list[Group]
     """Groups comparing onnxruntime sessions to latkv, or ``([], why not)``."""
     try:
         import onnxruntime
+        from onnx_speed import feeds_for, latkv_step   # benchmarks/, beside this script
 
         import latkv.onnx
     except ImportError as error:
@@ -697,7 +698,6 @@ def onnx_groups(platform: Platform, tokens: int, seed: int) -> tuple[list[Group]
     x_host = rng.standard_normal((1, KV_HEADS, tokens, DIM), dtype=np.float32)
     q_host = rng.standard_normal((1, KV_HEADS, GROUP, DIM), dtype=np.float32)
     x, q = xp.asarray(x_host), xp.asarray(q_host)
-    scale = np.float32(1 / np.sqrt(DIM))
     for spec in ONNX_SPECS:
         quantizer = latkv.quantizer(spec, dim=DIM)
         codes = quantizer.encode(x)
@@ -705,22 +705,13 @@ def onnx_groups(platform: Platform, tokens: int, seed: int) -> tuple[list[Group]
             model = latkv.onnx.export(quantizer, step, flavour="standard")
             session = onnxruntime.InferenceSession(model.SerializeToString(),
                                                    providers=[provider])
-            feeds = _onnx_feeds(step, x, q, codes)
-            binding = _bind(session, feeds, platform)
+            binding = _bind(session, feeds_for(step, x, q, codes), platform)
 
             def run_session(session=session, binding=binding):
                 session.run_with_iobinding(binding)
                 return binding
 
-            def latkv_call(step=step, quantizer=quantizer, codes=codes):
-                if step == "encode":
-                    return quantizer.encode(x)
-                if step == "decode":
-                    return quantizer.decode(codes)
-                logits = quantizer.scores(q, codes) * scale
-                weights = xp.exp(logits - logits.max(axis=-1, keepdims=True))
-                weights /= weights.sum(axis=-1, keepdims=True)
-                return quantizer.weighted_sum(weights, codes)
+            latkv_call = latkv_step(quantizer, step, x, q, codes)
 
             def check(step=step, binding=binding, latkv_call=latkv_call, session=session):
                 session.run_with_iobinding(binding)
@@ -740,16 +731,6 @@ def onnx_groups(platform: Platform, tokens: int, seed: int) -> tuple[list[Group]
                                 f"(1, {KV_HEADS}, {tokens}, {DIM})", entries,
                                 ratios=[("onnxruntime", "latkv")]))
     return groups, None
-
-
-def _onnx_feeds(step: str, x: Any, q: Any, codes: Any) -> dict[str, Any]:
-    if step == "encode":
-        return {"x": x}
-    arrays = dict(codes.arrays)
-    if step == "decode":
-        return arrays
-    return {"q": q, **{"key_" + k: v for k, v in arrays.items()},
-            **{"value_" + k: v for k, v in arrays.items()}}
 
 
 def _bind(session: Any, feeds: dict[str, Any], platform: Platform) -> Any:

@@ -29,6 +29,7 @@ import numpy as np
 
 import latkv
 import latkv.onnx
+from latkv._backend import array_module
 from latkv.cli import machine_description
 
 KV_HEADS, GROUP, DIM = 8, 4, 128
@@ -37,9 +38,11 @@ SPECS = ("turbo:4", "turbo:2", "turbo:4,mode=prod", "turbo:4,center=True", "qjl:
 WHATS = ("encode", "decode", "scores", "attention")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: Any) -> Any:
+    """Over the last axis, in the array's module (NumPy or CuPy: gpu_speed.py calls it too)."""
+    xp = array_module(logits)
     logits = logits - logits.max(axis=-1, keepdims=True)
-    weights = np.exp(logits)
+    weights = xp.exp(logits)
     return weights / weights.sum(axis=-1, keepdims=True)
 
 

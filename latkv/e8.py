@@ -686,18 +686,18 @@ class E8Stage:
                 low = middle
         j = high
         while True:
-            if not np.isfinite(self._steps(sigma, j)).all():
+            result = attempt(j)
+            if result is None:
+                raise ValueError("x has values too far above its heads' RMS for the entropy "
+                                 f"model (|x| / step must stay below {MAX_COORDINATE})")
+            _, (model, offset, streams), steps = result
+            if not np.isfinite(steps).all():
                 # a step past float16 scales the points to 0: tiny streams that decode to
                 # nothing (the codes would be refused at decode); refuse the input instead
                 raise ValueError(
                     f"x is too large for the entropy code's float16 step: a head's RMS "
                     f"({float(sigma.max()):.4g}) needs a step above {LARGEST_SCALE:g} at "
                     f"{self.bits} bits; scale the input down")
-            result = attempt(j)
-            if result is None:
-                raise ValueError("x has values too far above its heads' RMS for the entropy "
-                                 f"model (|x| / step must stay below {MAX_COORDINATE})")
-            _, (model, offset, streams), steps = result
             coset, coordinates, last, coordinate_contexts, last_contexts = streams
             encoded = {
                 "coset_stream": entropy.encode(coset, np.zeros_like(coset), model),

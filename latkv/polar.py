@@ -43,8 +43,9 @@ TWO_PI = 2 * np.pi
 #: an angle of NumPy's this close to a boundary (or NaN) is recomputed with the C library's
 #: ``atan2`` (`math.atan2`) before it is compared: NumPy's own ``arctan2`` is SIMD code on some
 #: CPUs (SVML on AVX-512) and can differ from the C library's by a rounding, which would move
-#: a code across a boundary on one machine and not on another. The numba kernel settles with
-#: the C library's ``atan2`` too, so the reference's codes are the same on every machine.
+#: a code across a boundary on one machine and not on another. The numba kernel settles its
+#: approximate angles within the same margin with the C library's ``atan2`` too
+#: (`latkv._cpu.polar`), so the codes are the same on every machine and backend.
 SETTLE_MARGIN = 1e-9
 
 

@@ -43,6 +43,7 @@ from latkv._cpu.scalar import _pack_row, _unpack_row
 from latkv._cpu.serial import kernel_for
 from latkv.checks import check_bits, check_int
 from latkv.packing import packed_length
+from latkv.polar import SETTLE_MARGIN
 
 ROWS_PER_TASK = 256
 #: levels whose codebooks have at most this many boundaries count the boundaries below the
@@ -54,10 +55,10 @@ TWO_PI = 2 * np.pi
 PI = np.pi
 HALF_PI = np.pi / 2
 QUARTER_PI = np.pi / 4
-#: an approximate angle farther than this from every boundary has the exact angle's code: the
-#: approximation is within a few 1e-16 of the exact angle (`tests/test_cpu_polar.py` measures
-#: it), the C library's ``atan2`` within one rounding of the true one
-SETTLE_MARGIN = 1e-9
+# SETTLE_MARGIN (the reference's): an approximate angle farther than this from every boundary
+# has the exact angle's code: the approximation is within a few 1e-16 of the exact angle
+# (`tests/test_cpu_polar.py` measures it), the C library's ``atan2`` within one rounding of
+# the true one
 # Cephes' atan: atan(x) = x + x z P(z) / Q(z), z = x^2, for |x| <= 0.66 (relative error 1e-16)
 _P0, _P1, _P2, _P3, _P4 = (-8.750608600031904122785e-1, -1.615753718733365076637e1,
                            -7.500855792314704667340e1, -1.228866684490136173410e2,

@@ -18,6 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+# Static shared memory a thread block may use without cudaFuncSetAttribute (every
+# architecture since sm_20; the CUDA and numba.cuda kernels use static shared memory only).
+STATIC_SHARED_LIMIT = 48 * 1024
 # Largest Hadamard length the kernels instantiate: 2**MAX_LOG_SIZE.
 MAX_LOG_SIZE = 10
 # Deepest PolarQuant recursion the kernels instantiate: blocks of 2**MAX_POLAR_LEVELS.

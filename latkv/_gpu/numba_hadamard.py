@@ -24,15 +24,16 @@ import numpy as np
 # Without a GPU (and without the simulator) the import still succeeds; launching fails.
 from numba import cuda, float32, int64
 
+from latkv._gpu.cuda_sources import STATIC_SHARED_LIMIT
+
 THREADS_PER_BLOCK = 128
 # Shared-memory tile, in float32 elements (4 KiB), unless one row of the segment is longer.
 TILE_ELEMENTS = 1024
 # Grid-stride loop over tiles in the kernel: the grid is capped at this many blocks.
 MAX_BLOCKS = 65535
-# Static shared memory a block may use on a device (without an opt-in), and so the longest
-# segment whose row fits the tile: 2**13 floats. The simulator has no such limit; a longer
-# segment would compile there and fail on a GPU, so the wrapper refuses it everywhere.
-STATIC_SHARED_LIMIT = 48 * 1024
+# The longest segment whose row fits the static shared memory a block may use on a device:
+# 2**13 floats. The simulator has no such limit; a longer segment would compile there and
+# fail on a GPU, so the wrapper refuses it everywhere.
 MAX_SEGMENT = 1 << ((STATIC_SHARED_LIMIT // 4).bit_length() - 1)
 
 _kernels: dict[int, Any] = {}

@@ -3,7 +3,7 @@
 The CUDA simulator runs the kernels' Python, so it accepts what a device compile refuses: a
 shared array sized by an expression instead of a constant made the attention kernel fail type
 inference on a real GPU while every simulator test passed. This compiles each kernel with the
-argument types its wrapper launches it with (`KERNEL_TYPES`; ``numba.cuda.compile_ptx``, NVVM
+argument types its wrapper launches it with (`kernel_types`; ``numba.cuda.compile_ptx``, NVVM
 from nvidia-cuda-nvcc-cu12 of the test extra), and checks that every kernel of
 ``latkv._gpu.numba_*`` is listed. numba-cuda asks the current device for its compute
 capability when it compiles the device functions a kernel calls; with no device, a stand-in

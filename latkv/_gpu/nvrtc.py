@@ -21,14 +21,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from latkv._gpu.cuda_sources import COMPILE_OPTIONS, KERNELS, source, source_files
+from latkv._gpu.cuda_sources import (COMPILE_OPTIONS, KERNELS, STATIC_SHARED_LIMIT, source,
+                                     source_files)
 
 ARCHITECTURES = ("sm_80", "sm_90")
-
-
-# Static shared memory a thread block may use without cudaFuncSetAttribute (every
-# architecture since sm_20; the kernels here use static shared memory only).
-STATIC_SHARED_LIMIT = 48 * 1024
 
 
 class CompileError(RuntimeError):
@@ -100,6 +96,21 @@ def _parse_resources(log: str, lowered: dict[str, str], file_name: str,
     return resources
 
 
+def program_log(program: object) -> str:
+    """The compile log of an NVRTC program (ptxas's lines with ``-v``), without its NUL.
+
+    NVRTC writes into the buffer it is given, so it must be mutable: ``b" " * n`` is the
+    interpreter's shared one-byte ``b" "`` itself for n = 1, the size of an empty log, and
+    writing the log's NUL into it made every later ``b" "`` in the process ``b"\\x00"``.
+    """
+    from cuda.bindings import nvrtc
+
+    _, size = nvrtc.nvrtcGetProgramLogSize(program)
+    buffer = bytearray(max(size, 1))
+    nvrtc.nvrtcGetProgramLog(program, buffer)
+    return buffer.decode(errors="replace").rstrip("\x00 ")
+
+
 def _compile(file_name: str, arch: str,
              extra_options: tuple[str, ...]) -> tuple[bytes, str, dict[str, str]]:
     """The cubin, the compile log and the lowered (mangled) name of every name expression."""
@@ -112,12 +123,7 @@ def _compile(file_name: str, arch: str,
     def check(result: tuple, what: str, program: object | None = None) -> tuple:
         status, *rest = result
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            log = ""
-            if program is not None:
-                _, size = nvrtc.nvrtcGetProgramLogSize(program)
-                buffer = bytearray(max(size, 1))
-                nvrtc.nvrtcGetProgramLog(program, buffer)
-                log = buffer.decode(errors="replace").rstrip("\x00")
+            log = "" if program is None else program_log(program)
             raise CompileError(f"{file_name} ({arch}): {what} failed: {status}\n{log}")
         return tuple(rest)
 
@@ -140,15 +146,9 @@ def _compile(file_name: str, arch: str,
                 raise CompileError(f"{file_name} ({arch}): {name} was not instantiated")
             lowered_names[name] = lowered.decode()
         (size,) = check(nvrtc.nvrtcGetCUBINSize(program), "cubin size")
-        # NVRTC writes into the buffers it is given: mutable ones. (``b" " * n`` is the
-        # interpreter's shared one-byte b" " itself for n = 1, the size of an empty log:
-        # writing the log's NUL into it made every later b" " in the process b"\x00".)
-        cubin = bytearray(size)
+        cubin = bytearray(size)              # mutable: NVRTC writes into it (see program_log)
         check(nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
-        (log_size,) = check(nvrtc.nvrtcGetProgramLogSize(program), "log size")
-        log = bytearray(max(log_size, 1))
-        check(nvrtc.nvrtcGetProgramLog(program, log), "log")
-        return bytes(cubin), log.decode(errors="replace").rstrip("\x00 "), lowered_names
+        return bytes(cubin), program_log(program), lowered_names
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 
